@@ -81,6 +81,5 @@ intersphinx_mapping = {
 # -- HTML output -------------------------------------------------------------
 html_theme = "furo"
 html_title = "LLM Fine-Tuning Field Guide"
-html_static_path = ["_static"]
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
