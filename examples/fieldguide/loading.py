@@ -64,6 +64,12 @@ def ensure_tiny_model() -> Path:
     return target
 
 
+def quiet_unless_terminal() -> None:
+    """Turn off transformers' progress bars unless someone is watching a terminal."""
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _looks_like_path(name: str) -> bool:
     """True for names that can only be paths; a hub id such as ``org/model`` is not one."""
     return name.startswith(("/", "~", "./", "../")) or Path(name).exists()
@@ -76,8 +82,7 @@ def load_model(
     path = ensure_tiny_model() if name_or_path == TINY else name_or_path
     if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise ModelLoadError(f"cannot load model {name_or_path!r}: no such directory")
-    if not sys.stderr.isatty():  # no progress bars in logs and doctests
-        transformers.utils.logging.disable_progress_bar()
+    quiet_unless_terminal()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)

@@ -28,7 +28,7 @@ from transformers import (
 from fieldguide.cli import example_parser, main_guard, positive_int
 from fieldguide.corpus import make_corpus
 from fieldguide.data import pack_texts, pad_batch
-from fieldguide.loading import TINY
+from fieldguide.loading import TINY, quiet_unless_terminal
 from fieldguide.tokenizer import train_tokenizer
 from fieldguide.training import TrainConfig, train
 
@@ -95,6 +95,7 @@ def pretrain(config: PretrainConfig, device: str = "cpu", architecture=None):
 
 def save(model, tokenizer, directory: Path, config: PretrainConfig) -> None:
     """Save in the Hugging Face layout, weights as safetensors, so ``from_pretrained`` loads it."""
+    quiet_unless_terminal()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / "pretrain_config.json").write_text(_to_json(config))
