@@ -1,5 +1,6 @@
 """Sphinx configuration for the LLM Fine-Tuning Field Guide."""
 
+import doctest
 import sys
 from pathlib import Path
 
@@ -54,10 +55,8 @@ doctest_global_setup = """
 import torch
 torch.manual_seed(0)
 """
-doctest_default_flags = 0
-import doctest as _doctest
-
-doctest_default_flags = _doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE | _doctest.DONT_ACCEPT_TRUE_FOR_1
+# ELLIPSIS lets a page show the start of a long output; a True must never pass for a 1.
+doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
 
 # -- API pages ---------------------------------------------------------------
 autodoc_typehints = "description"

@@ -34,6 +34,11 @@ BAD_ARGUMENTS = [
     ),
     ("evaluate", ["--bogus"], "unrecognized arguments: --bogus"),
     ("pretrain", [], "the following arguments are required: --output"),
+    (
+        "pretrain",
+        ["--output", "x", "--model", "nobody/no-such-model"],
+        "argument --model: cannot load a configuration from 'nobody/no-such-model'",
+    ),
     ("pretrain", ["--output", "x", "--steps", "0"], "argument --steps: must be 1 or more, got 0"),
 ]
 
@@ -87,3 +92,14 @@ def test_generate_runs_as_a_program(tiny):
         check=True,
     )
     assert result.stdout.splitlines()[0].endswith("' tree'")
+
+
+def test_pretrain_takes_another_architecture_from_its_configuration(tmp_path, capsys):
+    """--model names a shape to pretrain from scratch: here a two-layer GPT-2."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128).save_pretrained(tmp_path / "shape")
+    pretrain.main(["--output", str(tmp_path / "m"), "--model", str(tmp_path / "shape"), "--steps", "2"])
+    assert "saved to" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "gpt2" and model.config.n_layer == 2

@@ -48,14 +48,13 @@ def non_empty_text(text: str) -> str:
     return text
 
 
-def example_parser(description: str) -> ExampleParser:
+MODEL_HELP = f"local directory or Hugging Face model id; {TINY!r} (default) is the lab's own model"
+
+
+def example_parser(description: str, model_help: str = MODEL_HELP) -> ExampleParser:
     """A parser with the three arguments every example takes."""
     parser = ExampleParser(description=description)
-    parser.add_argument(
-        "--model",
-        default=TINY,
-        help=f"local directory or Hugging Face model id; {TINY!r} (default) is the lab's own model",
-    )
+    parser.add_argument("--model", default=TINY, help=model_help)
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)"
     )
@@ -63,11 +62,16 @@ def example_parser(description: str) -> ExampleParser:
     return parser
 
 
+def require_device(parser: ExampleParser, device: str) -> None:
+    """Refuse ``--device cuda`` on a machine where PyTorch sees no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda was asked for, but PyTorch sees no CUDA GPU")
+
+
 def parse_and_load(parser: ExampleParser, argv: list[str] | None = None):
     """Parse ``argv``, seed every generator, load the model; return (args, model, tokenizer)."""
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda was asked for, but PyTorch sees no CUDA GPU")
+    require_device(parser, args.device)
     transformers.set_seed(args.seed)
     try:
         model, tokenizer = load_model(args.model, args.device)

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fieldguide.cli import example_parser, main_guard, positive_int
+from fieldguide.cli import example_parser, main_guard, positive_int, require_device
 from fieldguide.corpus import make_corpus
 from fieldguide.data import pack_texts, pad_batch
 from fieldguide.loading import TINY, quiet_unless_terminal
@@ -106,8 +106,11 @@ def _to_json(config: PretrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = example_parser("Pretrain a base model from random weights on the lab's corpus and save it.")
-    parser.set_defaults(model=TINY)
+    parser = example_parser(
+        "Pretrain a base model from random weights on the lab's corpus and save it.",
+        model_help=f"the architecture: {TINY!r} (default) for the lab's shape, or a local directory or "
+        "Hugging Face model id whose configuration is used (its weights are not loaded)",
+    )
     parser.add_argument("--output", type=Path, required=True, help="directory to save the model in")
     parser.add_argument(
         "--steps", type=positive_int, default=PretrainConfig().train.max_steps, help="optimizer steps"
@@ -116,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"
     )
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda was asked for, but PyTorch sees no CUDA GPU")
+    require_device(parser, args.device)
     if args.output.exists() and any(args.output.iterdir()):
         parser.error(f"argument --output: {args.output} exists and is not empty")
     architecture = None
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             architecture = AutoConfig.from_pretrained(args.model)
         except (OSError, ValueError) as error:
-            parser.error(f"argument --model: cannot load a configuration from {args.model!r}: {error}")
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            parser.error(f"argument --model: cannot load a configuration from {args.model!r}: {reason}")
     config = PretrainConfig(seed=args.seed)
     config.train.max_steps, config.train.progress = args.steps, args.progress
     start = time.perf_counter()
