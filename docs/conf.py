@@ -29,6 +29,7 @@ extensions = [
     "sphinx_design",
     # This site's own (docs/_ext)
     "public_names",
+    "generated_figures",
 ]
 exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 nitpicky = True

@@ -1,0 +1,104 @@
+"""Figures drawn at build time from the runs a page's own code performs.
+
+In a page::
+
+    ```{generated-figure} fieldguide.tutorial:plot_losses
+    :alt: Training loss falling over 60 steps.
+
+    The caption.
+    ```
+
+names a function that takes a matplotlib ``Axes`` and draws on it. The function runs the
+page's training (the same function, with the same seed, that the page's doctests call) and
+plots what it returned. It is drawn twice, once styled for furo's light theme and once for
+its dark theme, as SVG; furo shows the one that matches the reader's theme.
+
+Drawing retrains, so the SVGs are cached in ``docs/_build/figures`` under a hash of the
+lab's source code: an unchanged lab redraws nothing.
+"""
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx.util.docutils import SphinxDirective
+
+# Text and line colours that read well on furo's light and dark backgrounds.
+THEMES = {
+    "light": {"text": "#1f2328", "grid": "#d0d7de"},
+    "dark": {"text": "#e6edf3", "grid": "#3d444d"},
+}
+
+
+def _lab_hash(function_path: str) -> str:
+    """A hash of every lab source file: any change to the lab redraws every figure."""
+    lab = Path(importlib.import_module("fieldguide").__file__).parent
+    digest = hashlib.sha256(function_path.encode())
+    for source in sorted(lab.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _draw(function, theme: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = THEMES[theme]
+    style = {
+        "text.color": colours["text"],
+        "axes.labelcolor": colours["text"],
+        "axes.edgecolor": colours["text"],
+        "xtick.color": colours["text"],
+        "ytick.color": colours["text"],
+        "grid.color": colours["grid"],
+        "axes.grid": True,
+        "svg.fonttype": "none",  # keep text as text: smaller files, selectable, searchable
+        "svg.hashsalt": "fieldguide",  # the same figure gives the same file
+    }
+    with plt.rc_context(style):
+        figure, axes = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+        figure.patch.set_alpha(0)  # transparent: the page's background shows through
+        axes.set_facecolor("none")
+        function(axes)
+        legend = axes.get_legend()
+        if legend is not None:
+            legend.get_frame().set_alpha(0)
+        figure.savefig(path, format="svg", metadata={"Date": None})
+        plt.close(figure)
+
+
+class GeneratedFigure(SphinxDirective):
+    required_arguments = 1  # module:function
+    has_content = True  # the caption
+    option_spec = {"alt": directives.unchanged_required}
+
+    def run(self):
+        module_name, _, function_name = self.arguments[0].partition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        out_dir = Path(self.env.app.outdir).parent / "figures"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{function_name}-{_lab_hash(self.arguments[0])}"
+        figure = nodes.figure()
+        for theme in THEMES:
+            path = out_dir / f"{stem}-{theme}.svg"
+            if not path.exists():
+                _draw(function, theme, path)
+            # A URI starting with "/" is read relative to the source folder (docs/).
+            uri = "/" + os.path.relpath(path, self.env.srcdir)
+            figure += nodes.image(uri=uri, alt=self.options["alt"], classes=[f"only-{theme}"])
+        if self.content:
+            caption_nodes = self.parse_content_to_nodes()
+            paragraph = caption_nodes[0]
+            figure += nodes.caption(paragraph.rawsource, "", *paragraph.children)
+        self.env.note_dependency(str(Path(importlib.import_module(module_name).__file__)))
+        return [figure]
+
+
+def setup(app):
+    app.add_directive("generated-figure", GeneratedFigure)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
