@@ -12,25 +12,15 @@ os.environ.setdefault("FIELD_GUIDE_CACHE", str(Path(__file__).parents[1] / ".cac
 
 from fieldguide.corpus import make_corpus
 from fieldguide.loading import load_model
-from fieldguide.pretrain import PretrainConfig, build_model
+from fieldguide.pretrain import build_model
 from fieldguide.tokenizer import train_tokenizer
-from fieldguide.training import TrainConfig
+from lab_factories import micro_config
 
 
 @pytest.fixture(scope="session")
 def tiny():
     """The lab's pretrained base model and its tokenizer (pretrained once, then cached)."""
     return load_model("tiny")
-
-
-def micro_config(**train_overrides) -> PretrainConfig:
-    """A pretraining recipe small enough that a test can run it several times in seconds."""
-    train = TrainConfig(max_steps=6, batch_size=4, learning_rate=3e-3, progress=False)
-    for key, value in train_overrides.items():
-        setattr(train, key, value)
-    return PretrainConfig(
-        num_stories=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1, block_size=32, train=train
-    )
 
 
 @pytest.fixture(scope="session")

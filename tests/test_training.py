@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import micro_config
 from fieldguide.corpus import make_corpus
 from fieldguide.data import IGNORE_INDEX, encode_prompt_response, pack_texts, pad_batch
 from fieldguide.pretrain import build_model, pretrain
@@ -16,6 +15,7 @@ from fieldguide.training import (
     micro_batches,
     train,
 )
+from lab_factories import micro_config
 
 
 def weights(model) -> dict[str, torch.Tensor]:
