@@ -33,19 +33,27 @@ def lab_env() -> dict[str, str]:
     return {"FIELD_GUIDE_CACHE": str(ROOT / ".cache" / "models"), "HF_HUB_OFFLINE": "1"}
 
 
+def build_html(session: nox.Session, *args: str) -> Path:
+    """The site as published: what `docs` builds, and what the browser tests test."""
+    session.run(*SPHINX, "-b", "html", str(BUILD / "html"), *args, env=lab_env())
+    return BUILD / "html"
+
+
 @nox.session(default=True)
 def docs(session: nox.Session) -> None:
     """Build the HTML site, nitpicky, with every warning an error."""
     install(session, "docs")
-    session.run(*SPHINX, "-b", "html", str(BUILD / "html"), *session.posargs, env=lab_env())
-    session.log(f"Open {BUILD / 'html' / 'index.html'} in a browser.")
+    site = build_html(session, *session.posargs)
+    session.log(f"Open {site / 'index.html'} in a browser.")
 
 
 @nox.session(default=True)
 def tests(session: nox.Session) -> None:
-    """Everything that proves the guide: pytest over tests/, then every doctest on every page."""
+    """Everything that proves the guide: pytest over tests/ (the built site in Chromium
+    included, see tests/browser/), then every doctest on every page."""
     install(session, "tests")
-    session.run("pytest", *session.posargs, env=lab_env())
+    site = build_html(session)
+    session.run("pytest", *session.posargs, env={**lab_env(), "FIELD_GUIDE_SITE": str(site)})
     session.run(*SPHINX, "-b", "doctest", str(BUILD / "doctest"), env=lab_env())
 
 
@@ -56,6 +64,13 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("codespell", "docs", "examples", "tests", "README.md", "noxfile.py")
+
+
+@nox.session(default=False)
+def linkcheck(session: nox.Session) -> None:
+    """Check every external link on the site. Needs the internet, so it is not in `tests`."""
+    install(session, "docs")
+    session.run(*SPHINX, "-b", "linkcheck", str(BUILD / "linkcheck"), *session.posargs, env=lab_env())
 
 
 @nox.session(default=False)

@@ -1,8 +1,10 @@
 """Sphinx configuration for the LLM Fine-Tuning Field Guide."""
 
 import doctest
+import os
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 DOCS = Path(__file__).parent
 sys.path.insert(0, str(DOCS / "_ext"))
@@ -27,9 +29,14 @@ extensions = [
     "sphinxcontrib.bibtex",
     "sphinx_copybutton",
     "sphinx_design",
+    "sphinx_sitemap",
+    "sphinxext.opengraph",
+    "notfound.extension",
     # This site's own (docs/_ext)
     "public_names",
     "generated_figures",
+    "local_mathjax",
+    "accessible_html",
 ]
 exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 nitpicky = True
@@ -55,6 +62,9 @@ bibtex_reference_style = "author_year"
 doctest_global_setup = """
 import torch
 torch.manual_seed(0)
+# Tiny models drift into denormal floats late in training, which the CPU computes many
+# times more slowly; flushing them to zero changes no printed result.
+torch.set_flush_denormal(True)
 """
 # ELLIPSIS lets a page show the start of a long output; a True must never pass for a 1.
 doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
@@ -83,3 +93,51 @@ html_theme = "furo"
 html_title = "LLM Fine-Tuning Field Guide"
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
+# MathJax is served by the site itself (docs/_ext/local_mathjax.py copies it), so equations
+# render offline; a path relative to _static/.
+mathjax_path = "mathjax/tex-chtml.js"
+# Search ranks a page whose own title holds the query above pages with a section about it.
+html_search_scorer = str(DOCS / "_ext" / "search_scorer.js")  # Sphinx opens it from the working directory
+
+# -- Hosting -----------------------------------------------------------------
+# The one place that names where the source lives and where the site is published.
+REPOSITORY = "https://github.com/llm-finetuning-guide/field-guide"
+# Read the Docs sets its own address; everywhere else the site is on GitHub Pages.
+SITE = "https://llm-finetuning-guide.github.io/field-guide/"
+html_baseurl = os.environ.get("READTHEDOCS_CANONICAL_URL", SITE)
+html_theme_options = {
+    # An "edit this page" and a "view source" link at the top of every page.
+    "source_repository": f"{REPOSITORY}/",
+    "source_branch": "main",
+    "source_directory": "docs/",
+    # The repository, linked from the footer of every page.
+    "footer_icons": [
+        {
+            "name": "GitHub",
+            "url": REPOSITORY,
+            "html": (
+                '<svg stroke="currentColor" fill="currentColor" stroke-width="0" viewBox="0 0 16 16" '
+                'aria-hidden="true"><path fill-rule="evenodd" d="M8 0C3.58 0 0 3.58 0 8c0 3.54 2.29 6.53 '
+                "5.47 7.59.4.07.55-.17.55-.38 0-.19-.01-.82-.01-1.49-2.01.37-2.53-.49-2.69-.94-.09-.23-.48-.94-.82"
+                "-1.13-.28-.15-.68-.52-.01-.53.63-.01 1.08.58 1.23.82.72 1.21 1.87.87 2.33.66.07-.52.28-.87.51-1.07"
+                "-1.78-.2-3.64-.89-3.64-3.95 0-.87.31-1.59.82-2.15-.08-.2-.36-1.02.08-2.12 0 0 .67-.21 2.2.82.64-.18"
+                " 1.32-.27 2-.27.68 0 1.36.09 2 .27 1.53-1.04 2.2-.82 2.2-.82.44 1.1.16 1.92.08 2.12.51.56.82 1.27.82"
+                " 2.15 0 3.07-1.87 3.75-3.65 3.95.29.25.54.73.54 1.48 0 1.07-.01 1.93-.01 2.2 0 .21.15.46.55.38A8.013"
+                ' 8.013 0 0016 8c0-4.42-3.58-8-8-8z"></path></svg>'
+            ),
+            "class": "",
+        },
+    ],
+}
+# sitemap.xml: one language and one version, so addresses are html_baseurl + page.
+sitemap_url_scheme = "{link}"
+sitemap_excludes = ["404.html", "search.html", "genindex.html", "py-modindex.html"]
+# OpenGraph tags for link previews. No generated social-card images: drawing one per page
+# slows every build and adds an image per page; the title and description make the preview.
+ogp_site_url = html_baseurl
+ogp_social_cards = {"enable": False}
+# The 404 page is served at any missing address, so its links are absolute, under the
+# site's path (/field-guide/ on GitHub Pages, /en/latest/ on Read the Docs).
+notfound_urls_prefix = urlparse(html_baseurl).path

@@ -13,14 +13,15 @@ page's training (the same function, with the same seed, that the page's doctests
 plots what it returned. It is drawn twice, once styled for furo's light theme and once for
 its dark theme, as SVG; furo shows the one that matches the reader's theme.
 
-Drawing retrains, so the SVGs are cached in ``docs/_build/figures`` under a hash of the
-lab's source code: an unchanged lab redraws nothing.
+Drawing retrains, so the SVGs are cached under a hash of the
+lab's source code (next to the build's doctrees): an unchanged lab redraws nothing.
 """
 
 import hashlib
 import importlib
 import os
 from pathlib import Path
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -75,12 +76,12 @@ def _draw(function, theme: str, path: Path) -> None:
 class GeneratedFigure(SphinxDirective):
     required_arguments = 1  # module:function
     has_content = True  # the caption
-    option_spec = {"alt": directives.unchanged_required}
+    option_spec: ClassVar = {"alt": directives.unchanged_required}
 
     def run(self):
         module_name, _, function_name = self.arguments[0].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
-        out_dir = Path(self.env.app.outdir).parent / "figures"
+        out_dir = Path(self.env.app.doctreedir) / "generated-figures"
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{function_name}-{_lab_hash(self.arguments[0])}"
         figure = nodes.figure()
