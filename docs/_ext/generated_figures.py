@@ -79,6 +79,10 @@ class GeneratedFigure(SphinxDirective):
     option_spec: ClassVar = {"alt": directives.unchanged_required}
 
     def run(self):
+        if self.env.app.builder.format != "html":
+            # Drawing means training: only a builder that shows pictures pays for it. The
+            # doctest builder, above all, runs the same training in the pages' own code.
+            return []
         module_name, _, function_name = self.arguments[0].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
         out_dir = Path(self.env.app.doctreedir) / "generated-figures"
