@@ -62,6 +62,33 @@ def example_parser(description: str, model_help: str = MODEL_HELP) -> ExamplePar
     return parser
 
 
+def add_training_arguments(parser: ExampleParser, defaults, batch_size: bool = True) -> None:
+    """Add ``--steps``, ``--learning-rate`` and (optionally) ``--batch-size``.
+
+    ``defaults`` is any config with ``max_steps``, ``learning_rate`` and ``batch_size``
+    fields, so each example's command line starts from the values its page uses.
+    """
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=defaults.max_steps,
+        help=f"optimizer steps (default: {defaults.max_steps})",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=non_negative_float,
+        default=defaults.learning_rate,
+        help=f"peak learning rate (default: {defaults.learning_rate})",
+    )
+    if batch_size:
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=defaults.batch_size,
+            help=f"examples per step (default: {defaults.batch_size})",
+        )
+
+
 def require_device(parser: ExampleParser, device: str) -> None:
     """Refuse ``--device cuda`` on a machine where PyTorch sees no GPU."""
     if device == "cuda" and not torch.cuda.is_available():

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fieldguide.cli import example_parser, main_guard, non_negative_float, parse_and_load, positive_int
+from fieldguide.cli import (
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    non_negative_float,
+    parse_and_load,
+)
 from fieldguide.corpus import make_corpus
 from fieldguide.data import pack_texts, pad_batch
 from fieldguide.evaluate import HELDOUT_TEXT_SEED
@@ -157,10 +163,7 @@ def run_continued_pretraining(
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Continue pretraining a causal LM on sea stories; report both domains.")
     defaults = ContinuedPretrainingConfig()
-    parser.add_argument("--steps", type=positive_int, default=defaults.max_steps, help="optimizer steps")
-    parser.add_argument(
-        "--learning-rate", type=non_negative_float, default=defaults.learning_rate, help="peak AdamW rate"
-    )
+    add_training_arguments(parser, defaults, batch_size=False)
     parser.add_argument(
         "--replay", type=non_negative_float, default=0.0, help="share of original text, in [0, 1)"
     )

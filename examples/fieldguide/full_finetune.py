@@ -30,7 +30,13 @@ from transformers import (
     TrainingArguments,
 )
 
-from fieldguide.cli import example_parser, main_guard, non_negative_float, parse_and_load, positive_int
+from fieldguide.cli import (
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    non_negative_float,
+    parse_and_load,
+)
 from fieldguide.corpus import make_corpus
 from fieldguide.data import IGNORE_INDEX, pack_texts, pad_batch
 from fieldguide.evaluate import HELDOUT_TEXT_SEED
@@ -318,13 +324,7 @@ def run_trainer(config: ClassifierConfig = ClassifierConfig()) -> FinetuneResult
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Fully fine-tune a causal LM to write the sentiment label after a review.")
     defaults = FullFinetuneConfig()
-    parser.add_argument("--steps", type=positive_int, default=defaults.max_steps, help="optimizer steps")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="examples per step"
-    )
-    parser.add_argument(
-        "--learning-rate", type=non_negative_float, default=defaults.learning_rate, help="peak AdamW rate"
-    )
+    add_training_arguments(parser, defaults)
     parser.add_argument(
         "--replay", type=non_negative_float, default=0.0, help="share of pretraining text, in [0, 1)"
     )

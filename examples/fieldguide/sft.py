@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fieldguide.cli import example_parser, main_guard, non_negative_float, parse_and_load, positive_int
+from fieldguide.cli import (
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    parse_and_load,
+)
 from fieldguide.data import IGNORE_INDEX, chat_prompt_ids, encode_prompt_response, pad_batch
 from fieldguide.metrics import exact_match, generate_responses
 from fieldguide.tasks import InstructionExample, instruction_task
@@ -227,13 +232,7 @@ def trl_trainer(model, tokenizer, examples: list[InstructionExample], config: SF
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Instruction-tune a model on the lab's instruction task; print exact match.")
     defaults = SFTConfig()
-    parser.add_argument("--steps", type=positive_int, default=defaults.max_steps, help="optimizer steps")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="examples per step"
-    )
-    parser.add_argument(
-        "--learning-rate", type=non_negative_float, default=defaults.learning_rate, help="peak learning rate"
-    )
+    add_training_arguments(parser, defaults)
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False, help="pack rows")
     args, model, tokenizer = parse_and_load(parser, argv)
     config = SFTConfig(

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fieldguide.cli import example_parser, main_guard, non_negative_float, parse_and_load, positive_int
+from fieldguide.cli import (
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    parse_and_load,
+)
 from fieldguide.data import encode_prompt_response
 from fieldguide.loading import load_model
 from fieldguide.metrics import exact_match
@@ -84,10 +89,7 @@ def plot_losses(ax) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Fine-tune a model on the lab's instruction task, then save it.")
     defaults = tutorial_config()
-    parser.add_argument("--steps", type=positive_int, default=defaults.max_steps, help="optimizer steps")
-    parser.add_argument(
-        "--learning-rate", type=non_negative_float, default=defaults.learning_rate, help="peak learning rate"
-    )
+    add_training_arguments(parser, defaults, batch_size=False)
     parser.add_argument("--output", type=Path, help="directory to save the fine-tuned model in (safetensors)")
     args, model, tokenizer = parse_and_load(parser, argv)
     config = tutorial_config(args.seed)
