@@ -16,7 +16,6 @@ NO_DOCTEST = {
     "glossary": "reference: definitions only",
     "bibliography": "reference: the list of works cited",
     "api": "reference: generated from the examples' docstrings",
-    "notation": "reference: the table of symbols",
 }
 
 
