@@ -1,5 +1,6 @@
 """Every command a contributor or CI runs: ``nox -s docs``, ``nox -s tests``, ``nox -s lint``."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,10 +10,19 @@ nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_venv = "yes"
 
+# nox looks for uv even when told to use venv, and logs "uv binary not found." when it is not
+# there: nothing is wrong, so the line is dropped rather than left for a reader to worry about.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
+
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 BUILD = ROOT / "docs" / "_build"
-SPHINX = ["sphinx-build", "-n", "-W", "--keep-going", "-j", "auto", "docs"]
+# One worker, on purpose: the pages train models, and two workers running PyTorch on a
+# two-core laptop fight over the cores (the same build took 96 s with -j auto, 35 s serial).
+# Every builder shares one environment (-d), so the doctest run after the HTML build reads
+# no page again, and the runs a figure and a doctest share are computed once (see
+# fieldguide.lab.experiment.cached).
+SPHINX = ["sphinx-build", "-n", "-W", "--keep-going", "-d", str(BUILD / "doctrees"), "docs"]
 
 # PyTorch is installed first, pinned, so that pip does not pick a newer release and its
 # multi-GB CUDA wheels on a machine that cannot use them. Where a CPU wheel of this version

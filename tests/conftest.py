@@ -10,10 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FIELD_GUIDE_CACHE", str(Path(__file__).parents[1] / ".cache" / "models"))
 
-from fieldguide.corpus import make_corpus
-from fieldguide.loading import load_model
-from fieldguide.pretrain import build_model
-from fieldguide.tokenizer import train_tokenizer
+from fieldguide.lab.corpus import make_corpus
+from fieldguide.lab.loading import load_model
+from fieldguide.lab.pretrain import build_model
+from fieldguide.lab.tokenizer import train_tokenizer
 from lab_factories import micro_config
 
 

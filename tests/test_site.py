@@ -13,9 +13,9 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
 # Pages that explain no code and so carry no doctest, each with its reason.
 NO_DOCTEST = {
     "index": "the home page: a map of the site",
-    "glossary": "reference: definitions only",
-    "bibliography": "reference: the list of works cited",
-    "api": "reference: generated from the examples' docstrings",
+    "reference/glossary": "reference: definitions only",
+    "reference/bibliography": "reference: the list of works cited",
+    "reference/api": "reference: generated from the examples' docstrings",
 }
 
 
@@ -82,8 +82,16 @@ def test_the_doctest_allowlist_names_only_real_pages():
     assert set(NO_DOCTEST) <= {page_name(p) for p in PAGES}
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in EXAMPLES.glob("*.py") if p.stem != "__init__"))
+MODULES = sorted(
+    p.relative_to(EXAMPLES.parent).with_suffix("").as_posix()
+    for p in EXAMPLES.rglob("*.py")
+    if p.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_every_example_module_is_included_by_a_page(module):
     text = "\n".join(page.read_text() for page in PAGES)
-    included = f"fieldguide/{module}.py" in text or f"automodule:: fieldguide.{module}" in text
-    assert included, f"no page includes examples/fieldguide/{module}.py"
+    dotted = module.replace("/", ".")
+    included = f"examples/{module}.py" in text or f"automodule:: {dotted}" in text
+    assert included, f"no page includes examples/{module}.py"

@@ -2,7 +2,7 @@
 
 In a page::
 
-    ```{generated-figure} fieldguide.tutorial:plot_losses
+    ```{generated-figure} fieldguide.start_here.tutorial:loss_figure
     :alt: Training loss falling over 60 steps.
 
     The caption.
@@ -13,8 +13,10 @@ page's training (the same function, with the same seed, that the page's doctests
 plots what it returned. It is drawn twice, once styled for furo's light theme and once for
 its dark theme, as SVG; furo shows the one that matches the reader's theme.
 
-Drawing retrains, so the SVGs are cached under a hash of the
-lab's source code (next to the build's doctrees): an unchanged lab redraws nothing.
+The runs themselves are kept on disk by ``fieldguide.lab.experiment.cached``, so the doctests
+that print their numbers read the same runs instead of training again; the SVGs are cached
+too (next to the build's doctrees), under the same hash of the examples' code: unchanged
+code redraws nothing.
 """
 
 import hashlib
@@ -32,15 +34,6 @@ THEMES = {
     "light": {"text": "#1f2328", "grid": "#d0d7de"},
     "dark": {"text": "#e6edf3", "grid": "#3d444d"},
 }
-
-
-def _lab_hash(function_path: str) -> str:
-    """A hash of every lab source file: any change to the lab redraws every figure."""
-    lab = Path(importlib.import_module("fieldguide").__file__).parent
-    digest = hashlib.sha256(function_path.encode())
-    for source in sorted(lab.glob("*.py")):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _draw(function, theme: str, path: Path) -> None:
@@ -79,15 +72,16 @@ class GeneratedFigure(SphinxDirective):
     option_spec: ClassVar = {"alt": directives.unchanged_required}
 
     def run(self):
-        if self.env.app.builder.format != "html":
-            # Drawing means training: only a builder that shows pictures pays for it. The
-            # doctest builder, above all, runs the same training in the pages' own code.
-            return []
+        # Imported here, not at the top: importing the lab means importing PyTorch and
+        # transformers (seconds), which a rebuild that reads no page with a figure never needs.
+        from fieldguide.lab.experiment import code_hash
+
         module_name, _, function_name = self.arguments[0].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
         out_dir = Path(self.env.app.doctreedir) / "generated-figures"
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{function_name}-{_lab_hash(self.arguments[0])}"
+        key = hashlib.sha256(f"{self.arguments[0]}{code_hash()}".encode()).hexdigest()[:12]
+        stem = f"{function_name}-{key}"
         figure = nodes.figure()
         for theme in THEMES:
             path = out_dir / f"{stem}-{theme}.svg"
@@ -100,7 +94,11 @@ class GeneratedFigure(SphinxDirective):
             caption_nodes = self.parse_content_to_nodes()
             paragraph = caption_nodes[0]
             figure += nodes.caption(paragraph.rawsource, "", *paragraph.children)
-        self.env.note_dependency(str(Path(importlib.import_module(module_name).__file__)))
+        # The figure depends on the technique's module and on the lab under it: a change to any
+        # file of the package reads this page again (and the run, keyed by the code, reruns).
+        package = Path(importlib.import_module("fieldguide").__file__).parent
+        for source in sorted(package.rglob("*.py")):
+            self.env.note_dependency(str(source))
         return [figure]
 
 

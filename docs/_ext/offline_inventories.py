@@ -1,9 +1,9 @@
 """Small Sphinx inventories of the outside objects the site refers to.
 
 An inventory maps an object's name (``torch.Tensor``) to the page that documents it. Sphinx
-normally downloads one per project; these stand in when there is no network, and they are
-the only ones for transformers and PEFT, whose documentation publishes none. Each entry is a
-real address in that project's documentation.
+normally downloads one per project; the site uses these instead, so that a build is the same
+online and offline and never waits on the network (transformers and PEFT publish none
+anyway). Each entry is a real address in that project's documentation.
 """
 
 import zlib
@@ -27,6 +27,7 @@ INVENTORIES = {
             ("RuntimeError", "py:exception", "library/exceptions.html#RuntimeError"),
             ("pathlib.Path", "py:class", "library/pathlib.html#pathlib.Path"),
             ("argparse.ArgumentParser", "py:class", "library/argparse.html#argparse.ArgumentParser"),
+            ("argparse.Namespace", "py:class", "library/argparse.html#argparse.Namespace"),
             ("collections.abc.Callable", "py:class", "library/collections.abc.html#collections.abc.Callable"),
             ("collections.abc.Iterator", "py:class", "library/collections.abc.html#collections.abc.Iterator"),
             ("typing.Generic", "py:class", "library/typing.html#typing.Generic"),
@@ -39,6 +40,7 @@ INVENTORIES = {
             ("torch.Tensor", "py:class", "tensors.html#torch.Tensor"),
             ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
             ("torch.device", "py:class", "tensor_attributes.html#torch.device"),
+            ("torch.dtype", "py:class", "tensor_attributes.html#torch.dtype"),
         ],
     ),
     "transformers": (

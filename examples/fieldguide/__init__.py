@@ -1,6 +1,6 @@
-"""The Field Guide's lab: the shared code that every example on the site stands on.
+"""The LLM Fine-Tuning Field Guide's examples.
 
-A tiny tokenizer and corpus built in code, a tiny Llama-architecture base model pretrained on
-that corpus, three fine-tuning tasks with metrics, and one training loop. Each technique page
-adds a short module on top of these.
+``fieldguide.lab`` holds the code every page shares; each other subpackage is one part of the
+site, with one module per page, named after the page (``whole_model.instruction_tuning`` is
+the page ``whole-model/instruction-tuning``).
 """

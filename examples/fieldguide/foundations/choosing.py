@@ -1,0 +1,160 @@
+"""Adapting a model without training it: zero-shot and few-shot prompts, and retrieval.
+
+Prompting is the baseline every fine-tune has to beat. A k-shot prompt puts k solved
+examples (demonstrations) in front of the question, and the model is scored exactly as the
+lab's zero-shot ``sentiment_accuracy`` scores it: by which label word it finds more likely.
+k = 0 is the zero-shot prompt itself. Run it on the tiny model or on any causal LM::
+
+    python -m fieldguide.foundations.choosing --model tiny --shots 2
+"""
+
+import random
+import re
+
+from fieldguide.lab.cli import example_parser, main_guard, non_negative_int, positive_int
+from fieldguide.lab.data import encode_completion
+from fieldguide.lab.loading import parse_and_load
+from fieldguide.lab.metrics import sequence_logprobs
+from fieldguide.lab.tasks import (
+    SENTIMENT_LABELS,
+    ClassificationExample,
+    label_word,
+    sentiment_prompt,
+    sentiment_task,
+)
+
+
+def few_shot_prompt(examples: list[ClassificationExample], query: str, k: int) -> str:
+    """The first ``k`` examples, each followed by its label word, then ``query`` to be labelled."""
+    if not 0 <= k <= len(examples):
+        raise ValueError(f"k must be between 0 and the {len(examples)} examples given, got {k}")
+    # A demonstration is the zero-shot prompt completed with the right answer, so the query
+    # at the end reads as one more item of the same list.
+    shots = [f"{sentiment_prompt(ex.text)}{label_word(ex.label)}." for ex in examples[:k]]
+    return " ".join([*shots, sentiment_prompt(query)])
+
+
+def check_fits(model, num_tokens: int, what: str) -> None:
+    """Refuse a sequence longer than the context window instead of scoring garbage."""
+    window = model.config.max_position_embeddings
+    if num_tokens > window:
+        raise ValueError(
+            f"{what} takes {num_tokens} tokens, more than the model's context window of {window}: "
+            "use fewer shots"
+        )
+
+
+def few_shot_predictions(
+    model, tokenizer, train_examples: list[ClassificationExample], texts: list[str], k: int, seed: int = 0
+) -> list[int]:
+    """The label each text gets from a k-shot prompt, demonstrations drawn afresh per text."""
+    if not 0 <= k <= len(train_examples):
+        raise ValueError(f"k must be between 0 and the {len(train_examples)} training examples, got {k}")
+    rng = random.Random(seed)
+    examples = []
+    for text in texts:
+        # New random demonstrations for every query, as GPT-3's evaluation drew them.
+        shots = rng.sample(train_examples, k) if k else []
+        prompt = few_shot_prompt(shots, text, k)
+        for label in range(len(SENTIMENT_LABELS)):  # the prompt, completed with each label word
+            examples.append(encode_completion(tokenizer, prompt, label_word(label)))
+            check_fits(model, len(examples[-1]["input_ids"]), f"a {k}-shot prompt with its label")
+    # Score every (prompt, label word) pair: log p(label | prompt), summed over its tokens.
+    scores = sequence_logprobs(model, examples)
+    return scores.view(len(texts), len(SENTIMENT_LABELS)).argmax(dim=-1).tolist()  # (N,)
+
+
+def few_shot_sentiment_accuracy(
+    model,
+    tokenizer,
+    train_examples: list[ClassificationExample],
+    heldout: list[ClassificationExample],
+    k: int,
+    seed: int = 0,
+) -> float:
+    """Accuracy on ``heldout`` of k-shot prompts built from ``train_examples``; chance is 0.5."""
+    if not heldout:
+        raise ValueError("there are no held-out examples to score")
+    predicted = few_shot_predictions(model, tokenizer, train_examples, [ex.text for ex in heldout], k, seed)
+    return sum(p == ex.label for p, ex in zip(predicted, heldout, strict=True)) / len(heldout)
+
+
+def words(text: str) -> set[str]:
+    """The lower-cased words of ``text``, punctuation dropped."""
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def retrieve(documents: list[str], query: str, k: int = 1) -> list[str]:
+    """The ``k`` documents sharing the most words with ``query``: the retriever of RAG, by hand.
+
+    Real systems rank by BM25 or by dense embeddings; word overlap is the same idea, small.
+    """
+    if not documents:
+        raise ValueError("there are no documents to retrieve from")
+    query_words = words(query)
+    ranked = sorted(documents, key=lambda doc: len(words(doc) & query_words), reverse=True)
+    return ranked[:k]  # sorted() is stable: among equal scores, the earlier document wins
+
+
+# The decision diagram on the page: each question, and what a "yes" to it points to.
+DECISIONS = [
+    (
+        "Does it need facts it cannot know:\nfresh, private, or too many to learn?",
+        "Retrieval (RAG)\nfetch the facts into the prompt",
+    ),
+    ("Do instructions and a few examples\nin the prompt do well enough?", "Prompting\nzero- or few-shot"),
+    (
+        "Is the gap behaviour (a format, a style,\na skill), with examples to learn from?",
+        "Fine-tuning\nLoRA first, full if it falls short",
+    ),
+]
+
+
+def _connect(ax, start, end, start_at, end_at, label, label_offset):
+    """An arrow between two boxes' edges (fractions of each box), labelled near its start."""
+    import matplotlib.pyplot as plt
+
+    arrow = {"arrowstyle": "-|>", "color": plt.rcParams["text.color"], "shrinkA": 0, "shrinkB": 0}
+    ax.annotate("", xy=end_at, xycoords=end, xytext=start_at, textcoords=start, arrowprops=arrow)
+    ax.annotate(
+        label, xy=start_at, xycoords=start, xytext=label_offset, textcoords="offset points", fontsize=8
+    )
+
+
+def plot_decision_diagram(ax) -> None:
+    """Draw the page's decision flowchart on ``ax``: three questions, each with its answer."""
+    import matplotlib.pyplot as plt
+
+    ink = plt.rcParams["text.color"]  # the theme's text colour: readable in light and dark
+    question_box = {"boxstyle": "round,pad=0.5", "facecolor": "none", "edgecolor": ink}
+    answer_box = {"boxstyle": "square,pad=0.5", "facecolor": "none", "edgecolor": ink, "linewidth": 2}
+    ax.set_axis_off()
+    above = None
+    for row, (question, answer) in enumerate(DECISIONS):
+        y = 0.85 - 0.35 * row  # rows from the top of the axes down
+        ask = ax.text(0.27, y, question, ha="center", va="center", fontsize=8, bbox=question_box)
+        result = ax.text(0.8, y, answer, ha="center", va="center", fontsize=8, bbox=answer_box)
+        _connect(ax, ask, result, (1, 0.5), (0, 0.5), "yes", (6, 3))
+        if above is not None:
+            _connect(ax, above, ask, (0.5, 0), (0.5, 1), "no", (5, -12))
+        above = ask
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = example_parser("Score zero-shot and k-shot prompts on the sentiment task's held-out split.")
+    parser.add_argument(
+        "--shots", type=non_negative_int, default=2, help="demonstrations per prompt (default: 2)"
+    )
+    parser.add_argument(
+        "--num-heldout", type=positive_int, default=None, help="score only this many held-out reviews"
+    )
+    args, model, tokenizer = parse_and_load(parser, argv)
+    task = sentiment_task()
+    heldout = task.heldout[: args.num_heldout]
+    for k in sorted({0, args.shots}):
+        accuracy = few_shot_sentiment_accuracy(model, tokenizer, task.train, heldout, k, args.seed)
+        print(f"{k}-shot accuracy on {len(heldout)} held-out reviews: {accuracy:.3f} (chance: 0.5)")
+
+
+if __name__ == "__main__":
+    main_guard(main)

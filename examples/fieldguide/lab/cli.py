@@ -1,0 +1,168 @@
+"""The command line every runnable example shares.
+
+Every example takes ``--model``, ``--device`` and ``--seed``; every example that trains also
+takes the same six training flags (``add_training_arguments``), whose defaults come from the
+technique's presets: one for the lab's tiny model on a CPU, one for a real model. A mistake on
+the command line ends the program with one line that names the argument and exit status 2,
+never a traceback.
+
+This module imports nothing else of the lab, so every other module may import it.
+"""
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+TINY = "tiny"  # the --model value that names the lab's own model
+
+
+class ExampleParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are a single line on stderr."""
+
+    def error(self, message: str):
+        """Print ``message`` as one line naming the program, and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)  # argparse turns the ValueError into "invalid non_negative_int value"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # written this way round so that NaN is rejected too
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1), such as the fraction of replayed examples."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A weight in [0, 1], such as distillation's alpha."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def non_empty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+MODEL_HELP = f"local directory or Hugging Face model id; {TINY!r} (default) is the lab's own model"
+
+
+def example_parser(description: str, model_help: str = MODEL_HELP) -> ExampleParser:
+    """A parser with the three arguments every example takes."""
+    parser = ExampleParser(description=description)
+    parser.add_argument("--model", default=TINY, help=model_help)
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="one seed for the data, any new weights and the order of the examples (default: 0)",
+    )
+    return parser
+
+
+# The training flags, each mapped onto the TrainConfig field it overrides. Their parser
+# defaults are None, meaning "the preset's value"; --help prints both presets' values.
+TRAINING_FLAGS = {
+    "--learning-rate": ("learning_rate", positive_float, "peak learning rate of AdamW"),
+    "--batch-size": ("batch_size", positive_int, "examples per micro-batch"),
+    "--grad-accum-steps": ("grad_accum_steps", positive_int, "micro-batches per optimizer step"),
+    "--max-steps": ("max_steps", positive_int, "optimizer steps"),
+    "--bf16": ("bf16", None, "bfloat16 autocast, weights and optimizer kept in float32"),
+    "--gradient-checkpointing": ("gradient_checkpointing", None, "recompute activations to save memory"),
+}
+
+
+def add_training_arguments(parser: ExampleParser, presets) -> None:
+    """Add the six training flags; ``presets`` is a ``fieldguide.lab.experiment.Presets``."""
+    group = parser.add_argument_group("training (defaults: the tiny model's preset / a real model's)")
+    for flag, (name, kind, text) in TRAINING_FLAGS.items():
+        tiny, real = getattr(presets.tiny, name), getattr(presets.real, name)
+        if kind is None:  # a switch: --bf16 / --no-bf16
+            real_text = f"{real} on cuda" if real else "False"
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{text} (default: {tiny} / {real_text})",
+            )
+        else:
+            group.add_argument(flag, type=kind, default=None, help=f"{text} (default: {tiny:g} / {real:g})")
+
+
+def training_config(args: argparse.Namespace, presets):
+    """The preset for ``args.model`` and ``args.device``, with every flag given applied on top."""
+    config = presets.for_model(args.model, args.device)
+    given = {
+        name: getattr(args, name)
+        for name, *_ in TRAINING_FLAGS.values()
+        if getattr(args, name, None) is not None
+    }
+    return replace(config, seed=args.seed, **given)
+
+
+def training_summary(config) -> str:
+    """One line with the values a run uses, so that its log says how it was trained."""
+    return ", ".join(f"{name}={getattr(config, name)}" for name, *_ in TRAINING_FLAGS.values())
+
+
+def add_chat_arguments(parser: ExampleParser) -> None:
+    """``--chat-template``, for a base model without one, and ``--output``, to save the result."""
+    parser.add_argument("--chat-template", type=Path, help="a Jinja chat template, for a model without one")
+    parser.add_argument("--output", type=Path, help="directory to save the fine-tuned model in (safetensors)")
+
+
+def require_device(parser: ExampleParser, device: str) -> None:
+    """Refuse ``--device cuda`` on a machine where PyTorch sees no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda was asked for, but PyTorch sees no CUDA GPU")
+
+
+def quiet_unless_terminal() -> None:
+    """Turn off transformers' progress bars unless someone is watching a terminal."""
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+
+
+def main_guard(main):
+    """Run ``main`` and turn a ValueError from bad input into one line and exit status 1."""
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,197 @@
+"""Instruction tuning (supervised fine-tuning, SFT): teach a base model to answer in a chat.
+
+The recipe is next-token prediction again, on (prompt, response) pairs rendered with the chat
+template, with two changes: the loss is taken over the response tokens only, and every
+response ends with EOS so the model learns to stop. Packing several examples into one row
+saves the compute spent on padding. Run it on any causal LM::
+
+    python -m fieldguide.whole_model.instruction_tuning --model tiny --max-steps 300
+"""
+
+import argparse
+import functools
+import sys
+
+import torch
+
+from fieldguide.lab.chat import encode_instructions, require_chat_template, response_prefix
+from fieldguide.lab.cli import (
+    add_chat_arguments,
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    training_config,
+)
+from fieldguide.lab.data import pad_batch
+from fieldguide.lab.experiment import (
+    Presets,
+    Technique,
+    cached,
+    plot_losses,
+    real_model_training,
+    run_technique,
+)
+from fieldguide.lab.loading import load_model, parse_and_load, save_model
+from fieldguide.lab.metrics import exact_match_outcomes
+from fieldguide.lab.tasks import InstructionExample, instruction_task
+from fieldguide.lab.training import TrainConfig
+
+MAX_LENGTH = 128  # longest tokenized example, and longest packed row: the tiny model's context
+
+PRESETS = Presets(
+    # 300 steps of 32 chats at the rate the tiny model was pretrained at; a short warm-up,
+    # since the chat tokens' embeddings start untrained.
+    tiny=TrainConfig(max_steps=300, batch_size=32, learning_rate=3e-3, warmup_steps=10),
+    real=real_model_training(max_steps=300),  # see fieldguide.lab.experiment
+)
+
+
+# -- Packing: several examples per row, each blind to the others ------------------------------
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Best-fit-decreasing packing into rows of at most ``max_length`` tokens.
+
+    ``position_ids`` restart at 0 for every example: transformers reads a restart as a
+    sequence boundary and gives each example its own causal mask (block-diagonal attention).
+    """
+    rows: list[list[dict]] = []
+    free: list[int] = []  # tokens still free in each row
+    for ex in sorted(examples, key=lambda ex: len(ex["input_ids"]), reverse=True):
+        size = len(ex["input_ids"])
+        fits = [i for i, room in enumerate(free) if room >= size]
+        if fits:  # the fullest row it fits in, so rows end nearly full
+            best = min(fits, key=lambda i: free[i])
+            rows[best].append(ex)
+            free[best] -= size
+        else:
+            rows.append([ex])
+            free.append(max_length - size)
+    return [
+        {
+            "input_ids": [t for ex in row for t in ex["input_ids"]],
+            "labels": [t for ex in row for t in ex["labels"]],
+            "position_ids": [p for ex in row for p in range(len(ex["input_ids"]))],
+        }
+        for row in rows
+    ]
+
+
+def collate_packed(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows into (B, T) tensors; no attention mask, position ids instead."""
+    batch = pad_batch(rows, pad_token_id)
+    width = batch["input_ids"].shape[1]
+    # The padding gets positions 0, 1, ... too: a sequence of its own, and its labels are masked.
+    batch["position_ids"] = torch.tensor(
+        [row["position_ids"] + list(range(width - len(row["position_ids"]))) for row in rows]
+    )
+    del batch["attention_mask"]  # a 2D mask would switch off the per-example causal masks
+    return batch
+
+
+def padding_fraction(batches: list[dict], pad_token_id: int) -> float:
+    """Share of the token positions computed that are padding (``pad_token_id`` is pad only)."""
+    pads = sum(int((b["input_ids"] == pad_token_id).sum()) for b in batches)
+    return pads / sum(b["input_ids"].numel() for b in batches)
+
+
+# -- Training and measuring ----------------------------------------------------------------
+
+
+def instruction_tuning(
+    heldout: list[InstructionExample], pad_token_id: int, packing: bool = False
+) -> Technique:
+    """Full fine-tuning on chats, loss on the answers; scored by exact match on ``heldout``."""
+
+    def data(tokenizer) -> list[dict]:
+        chats = encode_instructions(tokenizer, instruction_task().train, MAX_LENGTH)
+        return pack_examples(chats, MAX_LENGTH) if packing else chats
+
+    return Technique(
+        data=data,
+        score=lambda model, tokenizer: exact_match_outcomes(model, tokenizer, heldout),
+        # Packed rows carry position ids instead of an attention mask; the lab's loss passes them on.
+        collate=functools.partial(collate_packed, pad_token_id=pad_token_id) if packing else None,
+    )
+
+
+@cached  # the page's doctests and its figure share one run
+def run_instruction_tuning(packing: bool = False):
+    """Instruction-tune a fresh copy of the tiny model; keep the model to look at its answers."""
+    model, tokenizer = load_model("tiny")
+    technique = instruction_tuning(instruction_task().heldout, tokenizer.pad_token_id, packing)
+    return run_technique(technique, model, tokenizer, PRESETS.tiny, keep_model=True)
+
+
+def loss_figure(ax) -> None:
+    """The training loss of the page's run."""
+    plot_losses(ax, {"loss on the answers": run_instruction_tuning()}, "Instruction tuning the tiny model")
+
+
+# -- The same fine-tune with TRL ------------------------------------------------------------
+
+
+def trl_trainer(
+    model,
+    tokenizer,
+    examples: list[InstructionExample],
+    config: TrainConfig,
+    output_dir: str,
+    packing: bool = False,
+):
+    """TRL's ``SFTTrainer`` set up like ``instruction_tuning``: same data, loss on the answer only."""
+    import trl  # imported here: TRL is heavy, and only this function needs it
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    if not sys.stderr.isatty():  # TRL maps the data set with progress bars; keep logs clean
+        disable_progress_bar()
+
+    chats = [
+        {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": response}]}
+        for ex in examples
+        for response in [response_prefix(tokenizer) + ex.response]
+    ]
+    args = trl.SFTConfig(
+        output_dir=output_dir,
+        assistant_only_loss=True,  # labels only inside {% generation %}: the answer and its EOS
+        max_length=MAX_LENGTH,
+        packing=packing,
+        per_device_train_batch_size=config.batch_size,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        # TRL turns gradient checkpointing on by default; a model this small has no need of it.
+        gradient_checkpointing=None,
+        activation_checkpointing=False,
+    )
+    return trl.SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(chats), processing_class=tokenizer
+    )
+
+
+# -- Command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = example_parser("Instruction-tune a model on the lab's instruction task; print exact match.")
+    add_training_arguments(parser, PRESETS)
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False, help="pack rows")
+    add_chat_arguments(parser)
+    args, model, tokenizer = parse_and_load(parser, argv)
+    require_chat_template(tokenizer, args.chat_template)
+    technique = instruction_tuning(instruction_task().heldout, tokenizer.pad_token_id, args.packing)
+    run = run_technique(technique, model, tokenizer, training_config(args, PRESETS))
+    print(run.report("exact match"))
+    if args.output is not None:
+        save_model(model, tokenizer, args.output)
+        print(f"saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,125 @@
+"""The package's shape: the lab below, one module per page above it, and nothing in between.
+
+``fieldguide/lab/`` is what every page shares; every other subpackage is one part of the site
+with one module per page, named after the page's slug, and ``docs/`` and ``tests/`` mirror
+that tree. Techniques import only the lab (``EXTENSIONS`` declares the exceptions), and no
+import, not even one inside a function, closes a cycle.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "examples" / "fieldguide"
+DOCS, TESTS = ROOT / "docs", ROOT / "tests"
+
+# A technique that builds on another technique says so here (QLoRA on LoRA, when it comes).
+EXTENSIONS: dict[str, set[str]] = {}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+PARTS = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name not in {"lab", "__pycache__"})
+TECHNIQUES = [name for name in MODULES if name.count(".") == 2 and not name.startswith("fieldguide.lab.")]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every fieldguide module ``path`` imports, wherever the import statement stands."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # "from fieldguide.lab import chat" imports the module fieldguide.lab.chat
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        found |= {name for name in names if name in MODULES}
+    return found
+
+
+GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in ``graph`` as a list of modules, by depth-first search; None if there is none."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    assert find_cycle(GRAPH) is None
+
+
+def test_the_lab_imports_nothing_above_it():
+    above = {
+        name: {dep for dep in deps if not dep.startswith("fieldguide.lab")}
+        for name, deps in GRAPH.items()
+        if name.startswith("fieldguide.lab")
+    }
+    assert {name: deps for name, deps in above.items() if deps - {"fieldguide"}} == {}
+
+
+@pytest.mark.parametrize("module", TECHNIQUES)
+def test_a_technique_imports_only_the_lab(module):
+    allowed = EXTENSIONS.get(module, set())
+    outside = {dep for dep in GRAPH[module] if not dep.startswith("fieldguide.lab")} - allowed
+    assert outside == set(), f"{module} imports {outside}; code two pages need belongs in the lab"
+
+
+@pytest.mark.parametrize("module", TECHNIQUES)
+def test_a_technique_is_named_after_its_page(module):
+    _, part, name = module.split(".")
+    page = DOCS / part.replace("_", "-") / f"{name.replace('_', '-')}.md"
+    assert page.is_file(), f"{module} has no page {page.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_page_of_a_part_has_its_module(part):
+    pages = sorted((DOCS / part.replace("_", "-")).glob("*.md"))
+    assert pages, f"the part {part} has no pages in docs/"
+    for page in pages:
+        assert (PACKAGE / part / f"{page.stem.replace('-', '_')}.py").is_file(), page
+
+
+@pytest.mark.parametrize(
+    "module", [name for name in MODULES if name.startswith("fieldguide.") and name.count(".") == 2]
+)
+def test_tests_mirror_the_package(module):
+    _, part, name = module.split(".")
+    assert (TESTS / part / f"test_{name}.py").is_file(), f"no tests/{part}/test_{name}.py for {module}"
+
+
+@pytest.mark.parametrize(
+    "package", ["fieldguide", "fieldguide.lab", *(f"fieldguide.{part}" for part in PARTS)]
+)
+def test_a_package_init_holds_a_docstring_only(package):
+    tree = ast.parse(MODULES[package].read_text())
+    assert ast.get_docstring(tree) and len(tree.body) == 1, f"{package}/__init__.py holds code"
