@@ -1,11 +1,13 @@
 """Tiny stand-ins for real model families, built offline: the architecture at toy size, a
 byte-level tokenizer trained here, and the family's special tokens and chat format.
 
-The chat templates below render exactly what the families' own templates render for a
-conversation of user and assistant turns (Qwen2-Instruct: ChatML with a default system
-prompt; Llama 3 Instruct: header tokens and ``<|eot_id|>``; Gemma: ``<start_of_turn>`` with the
-assistant called ``model``, and ``<end_of_turn>`` while EOS is ``<eos>``), without the tool
-and system-message branches the tests do not use.
+The chat templates below, written here, render what the families' own templates render for
+a conversation of user and assistant turns: Qwen2-Instruct's ChatML with its default system
+prompt ("You are a helpful assistant."; Qwen2.5's names Qwen), Llama 3 Instruct's header
+tokens and ``<|eot_id|>`` (Llama 3.1 and later add a system block with dates), and Gemma's
+``<start_of_turn>`` with the assistant called ``model`` and ``<end_of_turn>`` while EOS is
+``<eos>``. They leave out the branches for tools and system messages and Gemma's check that
+roles alternate, which these tests do not exercise.
 """
 
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ class Family:
     eos: str  # the tokenizer's EOS, as the instruct model ships it
     pad: str | None
     end_of_turn: str  # what closes an assistant turn
+    named: bool = True  # the special tokens listed in additional_special_tokens
 
 
 FAMILIES = {
@@ -69,6 +72,18 @@ FAMILIES = {
         eos="<|eot_id|>",
         pad=None,  # Llama 3 ships no pad token
         end_of_turn="<|eot_id|>",
+    ),
+    # The base model's tokenizer: EOS ends a text, not a turn, and <|eot_id|> is special without
+    # being named. It is given the instruct template, as --chat-template would give it.
+    "llama3-base": Family(
+        LlamaConfig,
+        LLAMA3_TEMPLATE,
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
+        pad=None,
+        end_of_turn="<|eot_id|>",
+        named=False,
     ),
     "qwen2": Family(
         Qwen2Config,
@@ -92,7 +107,11 @@ FAMILIES = {
 
 
 def family_tokenizer(name: str, chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with the family's special tokens (and its chat template)."""
+    """A byte-level BPE tokenizer with the family's special tokens (and its chat template).
+
+    The special tokens are added tokens marked special; a family with ``named=False`` leaves
+    them out of ``additional_special_tokens``, as Llama 3's base tokenizer does.
+    """
     family = FAMILIES[name]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -108,7 +127,8 @@ def family_tokenizer(name: str, chat_template: bool = True) -> PreTrainedTokeniz
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(family.special_tokens)})
+    if family.named:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(family.special_tokens)})
     tokenizer.chat_template = family.template if chat_template else None
     return tokenizer
 

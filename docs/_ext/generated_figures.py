@@ -13,7 +13,7 @@ page's training (the same function, with the same seed, that the page's doctests
 plots what it returned. It is drawn twice, once styled for furo's light theme and once for
 its dark theme, as SVG; furo shows the one that matches the reader's theme.
 
-The runs themselves are kept on disk by ``fieldguide.lab.experiment.cached``, so the doctests
+The runs themselves are kept on disk by ``fieldguide.lab.cache.cached``, so the doctests
 that print their numbers read the same runs instead of training again; the SVGs are cached
 too (next to the build's doctrees), under the same hash of the examples' code: unchanged
 code redraws nothing.
@@ -74,7 +74,7 @@ class GeneratedFigure(SphinxDirective):
     def run(self):
         # Imported here, not at the top: importing the lab means importing PyTorch and
         # transformers (seconds), which a rebuild that reads no page with a figure never needs.
-        from fieldguide.lab.experiment import code_hash
+        from fieldguide.lab.cache import code_hash
 
         module_name, _, function_name = self.arguments[0].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)

@@ -41,6 +41,7 @@ INVENTORIES = {
             ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
             ("torch.device", "py:class", "tensor_attributes.html#torch.device"),
             ("torch.dtype", "py:class", "tensor_attributes.html#torch.dtype"),
+            ("torch.optim.Optimizer", "py:class", "optim.html#torch.optim.Optimizer"),
         ],
     ),
     "transformers": (

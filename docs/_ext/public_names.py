@@ -11,6 +11,7 @@ from sphinx.ext import intersphinx
 # Private name -> public name, for names the rule below does not cover.
 ALIASES = {
     "torch.nn.modules.module.Module": "torch.nn.Module",
+    "torch.optim.optimizer.Optimizer": "torch.optim.Optimizer",
     # In transformers 5, PreTrainedTokenizerFast is another name of TokenizersBackend.
     "transformers.tokenization_utils_tokenizers.TokenizersBackend": "transformers.PreTrainedTokenizerFast",
 }

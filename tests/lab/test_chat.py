@@ -177,3 +177,11 @@ def test_the_tutorial_command_refuses_a_model_without_a_template(tmp_path, capsy
         main_guard(lambda: tutorial.main(["--model", str(directory), "--max-steps", "1"]))
     assert str(exit_info.value).startswith("error: the tokenizer of")
     assert "--chat-template FILE" in str(exit_info.value)
+
+
+def test_a_special_token_the_tokenizer_does_not_name_is_still_found():
+    """Llama 3's base tokenizer marks <|eot_id|> special without listing it among its special
+    tokens; the instruct template given with --chat-template must still work on it."""
+    tokenizer = family_tokenizer("llama3-base")
+    assert "<|eot_id|>" not in tokenizer.all_special_tokens
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)) == "<|eot_id|>"

@@ -7,29 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fieldguide.lab import experiment
-from fieldguide.lab.corpus import make_corpus
-from fieldguide.lab.data import pack_texts
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    cached,
+    count_tokens,
     frozen_copy,
     run_technique,
 )
-from fieldguide.lab.metrics import text_losses
 from fieldguide.lab.training import TrainConfig
-
-CONFIG = TrainConfig(max_steps=8, batch_size=4, learning_rate=1e-2, progress=False)
-
-
-def language_modelling(tokenizer) -> Technique:
-    """Plain next-token prediction, scored by each held-out story's loss."""
-    heldout = make_corpus(12, seed=99)
-    return Technique(
-        data=lambda tokenizer: pack_texts(tokenizer, make_corpus(60, seed=0), block_size=32),
-        score=lambda model, tokenizer: text_losses(model, tokenizer, heldout),
-    )
+from lab_factories import CONFIG, language_modelling
 
 
 def test_a_run_reports_scores_gain_cost_and_size(micro_model, micro_tokenizer):
@@ -73,40 +59,6 @@ def test_a_frozen_copy_never_trains(micro_model):
     assert not any(p.requires_grad for p in reference.parameters())
     assert all(p.requires_grad for p in micro_model.parameters())
     assert not reference.training
-
-
-def test_a_cached_run_is_computed_once_and_read_back(micro_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setenv("FIELD_GUIDE_CACHE", str(tmp_path))
-    calls = []
-
-    @cached
-    def tiny_run(steps: int = 3):
-        from fieldguide.lab.pretrain import build_model
-        from lab_factories import micro_config
-
-        calls.append(steps)
-        model = build_model(micro_config(), micro_tokenizer)
-        config = TrainConfig(max_steps=steps, batch_size=4, progress=False)
-        return run_technique(
-            language_modelling(micro_tokenizer), model, micro_tokenizer, config, keep_model=True
-        )
-
-    first = tiny_run()
-    second = tiny_run(steps=3)  # the same arguments, spelt differently: the same run
-    assert calls == [3]
-    assert second == first  # every number, read back from disk
-    for (name, a), (_, b) in zip(
-        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    tiny_run(steps=4)
-    assert calls == [3, 4]
-
-
-def test_changing_the_code_invalidates_a_cached_run(monkeypatch):
-    before = experiment.code_hash()
-    monkeypatch.setattr(experiment, "tiny_model_dir", lambda: experiment.Path("another-model"))
-    assert experiment.code_hash() != before
 
 
 def test_a_method_that_generates_during_training_plugs_in_through_its_loss(micro_model, micro_tokenizer):
@@ -154,13 +106,69 @@ def test_a_method_that_generates_during_training_plugs_in_through_its_loss(micro
     assert run.gain.low > 0, run  # the reward rose, beyond its interval's doubt
 
 
-def test_a_cached_dict_of_runs_keeps_its_order(micro_model, micro_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setenv("FIELD_GUIDE_CACHE", str(tmp_path))
-    one = run_technique(language_modelling(micro_tokenizer), micro_model, micro_tokenizer, CONFIG)
+def test_a_method_that_learns_from_each_rollout_several_times_plugs_in_through_its_sampler(
+    micro_model, micro_tokenizer
+):
+    """How PPO will use the harness: the sampler generates, the loss replays the experience.
 
-    @cached
-    def several():
-        return {"zeta": one, "alpha": one}
+    Each rollout samples 4 completions of each of 4 prompts, rewards them by the rule above,
+    and stores their log-probabilities; the sampler then yields that experience for 2 epochs
+    of 4 minibatches, and the loss is PPO's clipped surrogate against the stored values.
+    """
+    rewarded = len(micro_tokenizer) // 10
+    prompt = micro_tokenizer("the duck sees a")["input_ids"]
+    P = len(prompt)
 
-    assert list(several()) == ["zeta", "alpha"]
-    assert list(several()) == ["zeta", "alpha"]  # read back from disk, in the same order
+    def completion_logprobs(model, sequences):
+        logits = model(input_ids=sequences).logits[:, P - 1 : -1]  # (B, 4, V)
+        return F.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, P:, None]).squeeze(-1)
+
+    def rollouts(model, dataset, config, start):
+        while True:
+            with torch.no_grad():
+                prompts = torch.tensor([ex["input_ids"] for ex in dataset[:4]]).repeat_interleave(4, dim=0)
+                sequences = model.generate(prompts, do_sample=True, max_new_tokens=4, pad_token_id=0)
+                rewards = (sequences[:, P:] < rewarded).float().mean(dim=-1).view(4, 4)
+                advantages = (rewards - rewards.mean(dim=1, keepdim=True)).flatten()
+                old = completion_logprobs(model, sequences)
+            experience = [
+                {"sequence": s, "old_logprobs": o, "advantage": a}
+                for s, o, a in zip(sequences, old, advantages, strict=True)
+            ]
+            for _ in range(2):  # epochs over one rollout
+                for i in range(0, 16, 4):
+                    yield experience[i : i + 4]
+
+    def clipped_surrogate(model, batch):
+        ratio = torch.exp(completion_logprobs(model, batch["sequence"]) - batch["old_logprobs"])  # (B, 4)
+        advantage = batch["advantage"][:, None]
+        objective = torch.min(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage)
+        return -objective.sum(), objective.numel(), {"ratio": ratio.mean().item()}
+
+    probe = torch.tensor([prompt])
+
+    def reward_of_samples(model, tokenizer):
+        with torch.no_grad():
+            samples = model.generate(probe.repeat(64, 1), do_sample=True, max_new_tokens=4, pad_token_id=0)
+        return (samples[:, P:] < rewarded).float().mean(dim=-1).tolist()
+
+    technique = Technique(
+        data=lambda tokenizer: [{"input_ids": prompt}] * 4,
+        score=reward_of_samples,
+        loss=clipped_surrogate,
+        sampler=rollouts,
+        collate=lambda examples: {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]},
+    )
+    config = TrainConfig(max_steps=24, batch_size=4, learning_rate=3e-2, progress=False)
+    run = run_technique(technique, micro_model, micro_tokenizer, config)
+    assert run.gain.low > 0, run  # the reward rose, beyond its interval's doubt
+    # The loss function's own numbers are kept, one per micro-batch: the first minibatch of each
+    # rollout is scored by the very model that sampled it, so its ratio is exactly 1.
+    assert len(run.logs["ratio"]) == 24 and run.logs["ratio"][0] == pytest.approx(1.0)
+
+
+def test_tokens_are_counted_by_the_batch_contract():
+    ones = torch.ones(2, 3, dtype=torch.long)
+    assert count_tokens({"input_ids": ones, "num_tokens": 4}) == 4
+    assert count_tokens({"chosen_attention_mask": ones, "rejected_attention_mask": ones[:, :2]}) == 10
+    assert count_tokens({"input_ids": ones}) == 6

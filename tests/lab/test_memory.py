@@ -5,7 +5,13 @@ import torch
 
 from fieldguide.lab.corpus import make_corpus
 from fieldguide.lab.data import pack_texts, pad_batch
-from fieldguide.lab.memory import QWEN2_5_0_5B, check_fits, full_fine_tuning_bytes, static_training_bytes
+from fieldguide.lab.memory import (
+    QWEN2_5_0_5B,
+    check_fits,
+    check_weights_fit,
+    full_fine_tuning_bytes,
+    static_training_bytes,
+)
 from fieldguide.lab.training import causal_lm_loss
 
 
@@ -46,3 +52,29 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers():
     check_fits(need=10**9, free=2 * 10**9)
     with pytest.raises(ValueError, match=r"needs 8\.0 GB .* the GPU has 4\.0 GB free"):
         check_fits(need=8 * 10**9, free=4 * 10**9)
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_before_it_is_moved(micro_model, monkeypatch):
+    """load_model checks the weights against the GPU's free memory before .to("cuda")."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (1000, 10**10))
+    with pytest.raises(ValueError, match=r"loading this model needs 0\.0 GB for its weights alone"):
+        check_weights_fit(micro_model, "cuda")
+    check_weights_fit(micro_model, "cpu")  # nothing to check on the CPU
+
+
+def test_check_memory_counts_the_weights_already_on_the_gpu_once(micro_model, monkeypatch):
+    """After the weights moved to the GPU they are no longer free, and not needed twice."""
+    from fieldguide.lab import memory
+
+    weights, need = memory.weight_bytes(micro_model), static_training_bytes(micro_model)
+    monkeypatch.setattr(memory, "_device_of", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (need - weights, 10**10))
+    memory.check_memory(micro_model)  # exactly enough: the gradients and the two moments
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (need - weights - 1, 10**10))
+    with pytest.raises(ValueError, match="training this model needs"):
+        memory.check_memory(micro_model)
+
+
+def test_a_bf16_trainable_weight_costs_its_own_dtype(micro_model):
+    micro_model.to(torch.bfloat16)
+    assert static_training_bytes(micro_model) == 8 * micro_model.num_parameters()  # 2 + 3 x 2 bytes

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from fieldguide.lab.chat import encode_chat
+from fieldguide.lab.chat import chat_prompt_ids, encode_chat
 from fieldguide.lab.corpus import make_corpus
 from fieldguide.lab.data import pad_batch
 from fieldguide.lab.metrics import (
+    GREEDY,
     exact_match,
     exact_match_outcomes,
     generate_responses,
@@ -48,3 +49,16 @@ def test_exact_match_is_the_mean_of_its_outcomes(tiny):
     outcomes = exact_match_outcomes(*tiny, examples)
     assert set(outcomes) <= {0, 1} and len(outcomes) == 20
     assert exact_match(*tiny, examples) == pytest.approx(sum(outcomes) / 20)
+
+
+def test_a_shipped_repetition_penalty_does_not_change_the_answers(micro_model, micro_tokenizer):
+    """Scoring decodes greedily whatever the model's generation_config says."""
+    prompts = [ex.prompt for ex in instruction_task().heldout[:5]]
+    plain = generate_responses(micro_model, micro_tokenizer, prompts, max_new_tokens=6)
+    micro_model.generation_config.repetition_penalty = 10.0  # as a model could ship it
+    assert generate_responses(micro_model, micro_tokenizer, prompts, max_new_tokens=6) == plain
+    # ... while a call that leaves the penalty to the model's config answers differently:
+    input_ids = torch.tensor([chat_prompt_ids(micro_tokenizer, prompts[0])])
+    shipped = micro_model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    greedy = micro_model.generate(input_ids, max_new_tokens=6, pad_token_id=0, **GREEDY)
+    assert not torch.equal(shipped, greedy)

@@ -53,12 +53,19 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
         raise ValueError("the chat template drops the assistant's answer: it cannot be trained on")
     after = text[text.index(_ANSWER) + len(_ANSWER) :]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    if not ids or ids[0] not in tokenizer.all_special_ids:
+    if not ids or not _is_special(tokenizer, ids[0]):
         raise ValueError(
             f"the chat template closes an assistant turn with {after[:20]!r}, not with a special "
             "token: a model fine-tuned on it would have no token at which to stop"
         )
     return ids[0]
+
+
+def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """A named special token, or an added token marked special (Llama 3's base tokenizer marks
+    ``<|eot_id|>`` so without naming it among its special tokens)."""
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,54 +1,59 @@
-"""The experiment harness: one way to run a technique, time it, score it and keep the result.
+"""The experiment harness: one way to run a technique, time it and score it.
 
 A technique supplies what is particular to it, as a ``Technique``:
 
 * ``prepare``: what trains and what wraps it (all weights; a new head; frozen weights with an
   adapter), as a function of the base model;
 * ``loss``: its loss function, with the loop's contract ``(model, batch) -> (loss_sum,
-  n_targets)``;
+  n_targets)``, optionally followed by a dict of numbers to log (a reward, a KL, a margin);
 * ``data``: its encoded training examples;
 * ``score``: per-item outcomes on held-out items (1 right, 0 wrong, or any number).
 
 ``run_technique`` does the rest the same way for every page: one seed, the shared training
 loop, the clock, the score before and after with 95% intervals, and one result type, ``Run``.
 
-Two families of methods that are still to come plug in through ``loss``, with no change here:
+The methods still to come plug in without a change here:
 
 * A method that keeps a **frozen reference** (distillation's teacher, DPO's reference model)
-  builds it with ``frozen_copy`` and closes its loss function over it; the distillation
-  page does exactly this.
-* A method that **generates during training** (PPO, GRPO) gets prompts as its data, and its
-  loss function samples completions from the model being trained (under ``torch.no_grad``),
-  scores them with its reward and returns the policy-gradient loss: a rollout per step is
-  just a loss that calls ``generate`` first. ``tests/lab/test_experiment.py`` runs one.
+  makes it with ``frozen_copy`` (or ``freeze``) and closes its loss function over it; the
+  distillation page does exactly this.
+* A method that **generates during training** and takes one step per rollout (GRPO, as TRL
+  runs it by default) gets prompts as its data, and its loss function samples completions
+  from the model being trained (under ``torch.no_grad``), scores them and returns the policy
+  loss. One that **learns from each rollout several times** (PPO: several epochs of
+  minibatches, against the log-probabilities stored at sampling time) gives a ``sampler``
+  that draws prompts, generates, and yields the stored experience as micro-batches, epoch
+  after epoch. ``tests/lab/test_experiment.py`` runs both.
+* A method that needs another **optimizer** (8-bit or paged AdamW, a second rate for some
+  parameters) gives ``optimizer``.
 
-``cached`` keeps a run on disk under a hash of the code that produced it, so a page's
-doctests and its figures share one run per build, and an unchanged lab trains nothing twice.
+Batches are dicts. Tensors are moved to the model's device and anything else reaches the
+loss function as it is; ``num_tokens``, if a batch has it, is the count of real input tokens
+(else every ``*attention_mask`` is summed, else ``input_ids`` counted), for tokens per second.
 """
 
 import copy
 import functools
-import hashlib
-import inspect
-import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel
 
-import fieldguide
 from fieldguide.lab.cli import TINY
 from fieldguide.lab.data import pad_batch
-from fieldguide.lab.loading import load_model, save_model
 from fieldguide.lab.memory import check_memory
-from fieldguide.lab.pretrain import cache_root, tiny_model_dir
 from fieldguide.lab.stats import Score, paired_score, score
-from fieldguide.lab.training import LossFn, TrainConfig, causal_lm_loss, seed_everything, train
+from fieldguide.lab.training import (
+    Sampler,
+    TrainConfig,
+    adamw,
+    causal_lm_loss,
+    seed_everything,
+    shuffled,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def real_model_training(max_steps: int, **changes) -> TrainConfig:
     """The preset for fine-tuning a real model, which a technique adapts with ``changes``.
 
     A learning rate of 2e-5, the rate of Llama 2's supervised fine-tuning and TRL's default
-    (the tiny model's rates, a hundred times higher, would wreck a model of real size); 16
+    (the tiny model's rates, 50 to 150 times higher, would wreck a model of real size); 16
     examples a step as 4 micro-batches of 4; bf16 autocast with float32 weights and optimizer
     state; activations recomputed in the backward pass, as TRL does by default.
     """
@@ -91,11 +96,15 @@ def train_every_weight(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
     return model
 
 
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` a fixed function: evaluation mode, no parameter trainable."""
+    model.eval().requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` that never trains: a teacher, or a reference model for DPO."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+    """A copy of ``model`` that never trains: DPO's reference model, say, beside the policy."""
+    return freeze(copy.deepcopy(model))
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,11 @@ class Technique:
     data: Callable  # (tokenizer) -> list of encoded training examples
     score: Callable  # (model, tokenizer) -> per-item outcomes on held-out items
     prepare: Callable = train_every_weight  # (base model, tokenizer) -> the module that trains
-    loss: LossFn = causal_lm_loss  # (model, batch) -> (loss_sum, n_targets)
+    loss: Callable = causal_lm_loss  # (model, batch) -> (loss_sum, n_targets[, {name: number}])
     collate: Callable | None = None  # examples -> batch; None: the loop pads with the pad token
     measures: dict = field(default_factory=dict)  # name -> (model, tokenizer) -> float, before and after
+    sampler: Sampler = shuffled  # (model, dataset, config, start) -> micro-batches of examples
+    optimizer: Callable = adamw  # (trainable parameters, config) -> a torch optimizer
 
 
 @dataclass
@@ -123,6 +134,8 @@ class Run:
     trainable_parameters: int
     total_parameters: int
     measures: dict = field(default_factory=dict)  # name -> [before, after]
+    logs: dict = field(default_factory=dict)  # name -> the loss function's number, per micro-batch
+    peak_memory_bytes: int | None = None  # the most GPU memory allocated while training; None on CPU
     model: PreTrainedModel | None = field(default=None, repr=False, compare=False)  # kept if asked
     tokenizer: object = field(default=None, repr=False, compare=False)
 
@@ -140,20 +153,38 @@ class Run:
             *(f"{name:22s} {before:.3f} -> {after:.3f}" for name, (before, after) in self.measures.items()),
             f"{'training':22s} {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens per second",
         ]
+        if self.peak_memory_bytes is not None:
+            lines.append(f"{'peak GPU memory':22s} {self.peak_memory_bytes / 1e9:.1f} GB")
         return "\n".join(lines)
 
 
-class _TokenCounter:
-    """Wraps a collate function and counts the real (unpadded) input tokens it hands out."""
+def count_tokens(batch: dict) -> int:
+    """The real input tokens of a batch, by the contract in this module's docstring."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    masks = [value for key, value in batch.items() if key.endswith("attention_mask")]
+    if masks:
+        return sum(int(mask.sum()) for mask in masks)
+    return batch["input_ids"].numel() if "input_ids" in batch else 0
 
-    def __init__(self, collate: Callable):
-        self.collate, self.tokens = collate, 0
 
-    def __call__(self, examples: list) -> dict:
-        batch = self.collate(examples)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+class _Recorder:
+    """Wraps a collate function and a loss function: counts tokens, keeps the logged numbers."""
+
+    def __init__(self, collate: Callable, loss: Callable):
+        self.inner_collate, self.inner_loss = collate, loss
+        self.tokens, self.logs = 0, {}
+
+    def collate(self, examples: list) -> dict:
+        batch = self.inner_collate(examples)
+        self.tokens += count_tokens(batch)
         return batch
+
+    def loss(self, model, batch: dict):
+        loss_sum, n_targets, *logged = self.inner_loss(model, batch)
+        for name, value in (logged[0] if logged else {}).items():
+            self.logs.setdefault(name, []).append(float(value))
+        return loss_sum, n_targets
 
 
 def run_technique(
@@ -166,15 +197,22 @@ def run_technique(
     before = technique.score(trained, tokenizer)
     measured = {name: [measure(trained, tokenizer)] for name, measure in technique.measures.items()}
     data = technique.data(tokenizer)
-    pad_id = tokenizer.pad_token_id
-    counter = _TokenCounter(technique.collate or functools.partial(pad_batch, pad_token_id=pad_id))
+    pad = functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    recorder = _Recorder(technique.collate or pad, technique.loss)
+    on_gpu = next(trained.parameters()).is_cuda
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    losses = train(trained, data, config, loss_fn=technique.loss, collate=counter)
+    losses = train(
+        trained, data, config, recorder.loss, recorder.collate, technique.sampler, technique.optimizer
+    )
     seconds = time.perf_counter() - start
     after = technique.score(trained, tokenizer)
     for name, measure in technique.measures.items():
         measured[name].append(measure(trained, tokenizer))
-    run = make_run(trained, before, after, losses, seconds, counter.tokens, measured)
+    run = make_run(trained, before, after, losses, seconds, recorder.tokens, measured)
+    run.logs = recorder.logs
+    run.peak_memory_bytes = torch.cuda.max_memory_allocated() if on_gpu else None
     if keep_model:
         run.model, run.tokenizer = trained, tokenizer
     return run
@@ -195,79 +233,6 @@ def make_run(
         total_parameters=sum(p.numel() for p in model.parameters()),
         measures=measures or {},
     )
-
-
-# -- Runs cached on disk --------------------------------------------------------------------------
-
-
-def code_hash() -> str:
-    """A hash of every source file of the examples and of the tiny model in use."""
-    package = Path(fieldguide.__file__).parent
-    digest = hashlib.sha256(tiny_model_dir().name.encode())
-    for source in sorted(package.rglob("*.py")):
-        digest.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _save_run(run: Run, directory: Path) -> None:
-    numbers = asdict(replace(run, model=None, tokenizer=None))
-    (directory / "run.json").write_text(
-        json.dumps({k: v for k, v in numbers.items() if k not in {"model", "tokenizer"}})
-    )
-    if run.model is not None:
-        save_model(run.model, run.tokenizer, directory / "model")
-
-
-def _load_run(directory: Path) -> Run:
-    fields = json.loads((directory / "run.json").read_text())
-    run = Run(**{**fields, **{k: Score(**fields[k]) for k in ("before", "after", "gain")}})
-    if (directory / "model").is_dir():
-        run.model, run.tokenizer = load_model(directory / "model")
-    return run
-
-
-def _write(result: Run | dict, directory: Path) -> None:
-    """Save a run, or a dict of runs in its order, under ``directory``, all at once or not at all."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".writing-"))
-    runs = {".": result} if isinstance(result, Run) else result
-    for name, run in runs.items():
-        (scratch / name).mkdir(exist_ok=True)
-        _save_run(run, scratch / name)
-    (scratch / "names.json").write_text(json.dumps(list(runs)))
-    try:  # a rename is atomic: a reader sees the whole result or none of it
-        scratch.rename(directory)
-    except OSError:  # another process saved the same result first
-        shutil.rmtree(scratch)
-
-
-def _read(directory: Path) -> Run | dict:
-    names = json.loads((directory / "names.json").read_text())
-    return _load_run(directory) if names == ["."] else {name: _load_run(directory / name) for name in names}
-
-
-def cached(function: Callable) -> Callable:
-    """Compute ``function(*args)`` once per version of the code; later calls read it from disk.
-
-    ``function`` returns a ``Run`` or a dict of them. The key is the function's name, its
-    arguments and a hash of all of the examples' code (and of the tiny model in use), as
-    myst-nb's jupyter-cache keys a notebook by its code: change any of them and it runs again.
-    """
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        bound = inspect.signature(function).bind(*args, **kwargs)
-        bound.apply_defaults()  # f() and f(seed=0) are the same run
-        key = f"{function.__module__}.{function.__qualname__}{bound.arguments!r}{code_hash()}"
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        directory = cache_root() / "runs" / f"{function.__name__}-{digest}"
-        if (directory / "names.json").exists():
-            return _read(directory)
-        result = function(*args, **kwargs)
-        _write(result, directory)
-        return result
-
-    return wrapper
 
 
 def plot_losses(ax, runs: dict, title: str) -> None:

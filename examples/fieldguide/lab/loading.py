@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from fieldguide.lab.cli import TINY, ExampleParser, quiet_unless_terminal, require_device
+from fieldguide.lab.memory import check_weights_fit
 from fieldguide.lab.pretrain import ensure_tiny_model
 from fieldguide.lab.training import seed_everything
 
@@ -78,6 +79,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_weights_fit(model, device)  # a clear refusal, not an out-of-memory traceback
     return model.to(device).eval(), tokenizer
 
 

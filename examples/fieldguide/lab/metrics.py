@@ -87,6 +87,13 @@ def preference_accuracy(model, tokenizer, examples: list[PreferenceExample]) -> 
     return _mean(preference_outcomes(model, tokenizer, examples))
 
 
+# Plain greedy decoding, whatever the model ships in its generation_config: a repetition
+# penalty (Qwen2.5-Instruct's, say) would mark down answers that copy words from the prompt,
+# which is what the instruction task asks for. Every value is given, at transformers' own
+# default where it does not apply, so that none is filled in from the model's.
+GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
 @torch.no_grad()
 def generate_responses(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 64
@@ -109,7 +116,7 @@ def generate_responses(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **GREEDY,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_token_ids(tokenizer),  # the end of a turn, whichever token it is
         )

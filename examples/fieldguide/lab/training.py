@@ -125,27 +125,47 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Where the examples of each micro-batch come from: by default ``micro_batches``, shuffled
+# draws from the data set. A method that learns from its own samples (PPO) passes a sampler
+# that draws prompts, generates from the model and yields the experience, several times over.
+# (model, dataset, config, start) -> micro-batches of examples, from micro-batch ``start`` on
+Sampler = Callable[[torch.nn.Module, list, TrainConfig, int], Iterator[list]]
+
+
+def shuffled(model: torch.nn.Module, dataset: list, config: TrainConfig, start: int) -> Iterator[list]:
+    """The default sampler: ``micro_batches`` from micro-batch ``start`` on."""
+    return micro_batches(dataset, config.batch_size, config.seed, start=start)
+
+
+def adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    """The default optimizer: AdamW with the config's peak rate and weight decay."""
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def train(
     model: torch.nn.Module,
     dataset: list[dict],
     config: TrainConfig,
     loss_fn: LossFn = causal_lm_loss,
     collate: Callable[[list], dict] | None = None,
+    sampler: Sampler = shuffled,
+    make_optimizer: Callable[[list, TrainConfig], torch.optim.Optimizer] = adamw,
 ) -> list[float]:
     """Train ``model`` on ``dataset``; return the loss of every optimizer step.
 
-    With ``config.checkpoint_dir`` set, a checkpoint found there is resumed from.
+    With ``config.checkpoint_dir`` set, a checkpoint found there is resumed from. ``sampler``
+    and ``make_optimizer`` replace how micro-batches are drawn and which optimizer updates the
+    trainable parameters (an 8-bit or paged AdamW, other rates for some parameter groups).
     """
     if collate is None:  # pad with the model's own pad token (any id works: padding is masked)
         pad_id = getattr(model.config, "pad_token_id", None) or 0
         collate = lambda examples: pad_batch(examples, pad_id)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config))
     step, losses = _resume(config, model, optimizer, scheduler)
-    batches = micro_batches(dataset, config.batch_size, config.seed, start=step * config.grad_accum_steps)
+    batches = sampler(model, dataset, config, step * config.grad_accum_steps)
     show = sys.stderr.isatty() if config.progress is None else config.progress
     model.train()
     with tqdm(total=config.max_steps, initial=step, disable=not show, desc="train") as bar:
@@ -215,7 +235,9 @@ def accumulate_gradients(model, micro: list[dict], loss_fn: LossFn = causal_lm_l
     device = _device_of(model)
     total_loss, total_targets = 0.0, 0
     for index, batch in enumerate(micro):
-        batch = {key: value.to(device) for key, value in batch.items()}
+        # Tensors go to the model's device; anything else (reference answers, a token count)
+        # reaches the loss function as it is.
+        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
         loss_sum, targets = loss_fn(model, batch)
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(

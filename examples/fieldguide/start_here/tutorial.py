@@ -8,6 +8,7 @@ chat template::
     python -m fieldguide.start_here.tutorial --output my-first-fine-tune
 """
 
+from fieldguide.lab.cache import cached
 from fieldguide.lab.chat import encode_instructions, require_chat_template
 from fieldguide.lab.cli import (
     add_chat_arguments,
@@ -20,7 +21,6 @@ from fieldguide.lab.cli import (
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    cached,
     plot_losses,
     real_model_training,
     run_technique,

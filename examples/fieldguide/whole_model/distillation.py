@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import (
     add_training_arguments,
     example_parser,
@@ -33,8 +34,7 @@ from fieldguide.lab.experiment import (
     Presets,
     Run,
     Technique,
-    cached,
-    frozen_copy,
+    freeze,
     plot_losses,
     real_model_training,
     run_technique,
@@ -156,7 +156,7 @@ def compare_students(model, tokenizer, config: DistillConfig) -> dict[str, Run]:
         score=heldout_score,
     )
     runs = {"teacher": run_technique(as_teacher, model, tokenizer, config.teacher, keep_model=True)}
-    teacher = frozen_copy(runs["teacher"].model)  # the frozen reference every student learns from
+    teacher = freeze(runs["teacher"].model)  # the fixed model every student learns from
     # The transfer set: the labelled reviews with their labels, the others with the teacher's.
     seed = config.student.seed
     labelled, unlabelled = pick_reviews(config.num_labelled, config.num_unlabelled, seed)

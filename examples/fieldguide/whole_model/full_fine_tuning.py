@@ -28,12 +28,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import add_training_arguments, example_parser, fraction, main_guard, training_config
 from fieldguide.lab.data import encode_completion, pad_batch, pretraining_blocks, with_replay
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    cached,
     make_run,
     plot_losses,
     real_model_training,
@@ -263,7 +263,12 @@ def run_trainer():
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Fully fine-tune a causal LM to write the sentiment label after a review.")
     add_training_arguments(parser, PRESETS)
-    parser.add_argument("--replay", type=fraction, default=0.0, help="share of pretraining text (default: 0)")
+    parser.add_argument(
+        "--replay",
+        type=fraction,
+        default=0.0,
+        help="share of replayed animal stories, the tiny model's pretraining text (default: 0)",
+    )
     args, model, tokenizer = parse_and_load(parser, argv)
     run = run_technique(label_word_fine_tuning(args.replay), model, tokenizer, training_config(args, PRESETS))
     print(run.report("sentiment accuracy"))

@@ -2,7 +2,7 @@
 
 The recipe is next-token prediction again, on (prompt, response) pairs rendered with the chat
 template, with two changes: the loss is taken over the response tokens only, and every
-response ends with EOS so the model learns to stop. Packing several examples into one row
+response ends with the token that closes a turn, so the model learns to stop. Packing several examples into one row
 saves the compute spent on padding. Run it on any causal LM::
 
     python -m fieldguide.whole_model.instruction_tuning --model tiny --max-steps 300
@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from fieldguide.lab.cache import cached
 from fieldguide.lab.chat import encode_instructions, require_chat_template, response_prefix
 from fieldguide.lab.cli import (
     add_chat_arguments,
@@ -26,7 +27,6 @@ from fieldguide.lab.data import pad_batch
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    cached,
     plot_losses,
     real_model_training,
     run_technique,
