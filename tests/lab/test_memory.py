@@ -78,3 +78,10 @@ def test_check_memory_counts_the_weights_already_on_the_gpu_once(micro_model, mo
 def test_a_bf16_trainable_weight_costs_its_own_dtype(micro_model):
     micro_model.to(torch.bfloat16)
     assert static_training_bytes(micro_model) == 8 * micro_model.num_parameters()  # 2 + 3 x 2 bytes
+
+
+def test_answering_needs_the_weights_in_their_dtype(micro_model):
+    from fieldguide.lab.memory import inference_bytes
+
+    assert inference_bytes(micro_model.config) == 2 * micro_model.num_parameters()  # bfloat16
+    assert inference_bytes(micro_model.config, torch.float32) == 4 * micro_model.num_parameters()

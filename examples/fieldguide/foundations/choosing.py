@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--num-heldout", type=positive_int, default=None, help="score only this many held-out reviews"
     )
-    args, model, tokenizer = parse_and_load(parser, argv)
+    args, model, tokenizer = parse_and_load(parser, argv, training=False)
     task = sentiment_task()
     heldout = task.heldout[: args.num_heldout]
     for k in sorted({0, args.shots}):

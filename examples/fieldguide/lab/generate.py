@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="0 (default) picks the likeliest token; higher samples",
     )
-    args, model, tokenizer = parse_and_load(parser, argv)
+    args, model, tokenizer = parse_and_load(parser, argv, training=False)
     for token, prob in top_next_tokens(model, tokenizer, args.prompt, args.top_k):
         print(f"{prob:6.1%}  {token!r}")
     print(args.prompt + continue_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))

@@ -46,6 +46,14 @@ def full_fine_tuning_bytes(config) -> int:
     return static_training_bytes(model)
 
 
+def inference_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The weights of a model built from ``config`` in ``dtype``: what answering needs, before
+    the activations and the key/value cache of the tokens in flight."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return weight_bytes(model)
+
+
 def check_fits(
     need: int,
     free: int,

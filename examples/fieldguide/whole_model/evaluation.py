@@ -33,7 +33,7 @@ def evaluate(model, tokenizer) -> Scores:
 
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Score a model on the lab's held-out splits.")
-    _, model, tokenizer = parse_and_load(parser, argv)
+    _, model, tokenizer = parse_and_load(parser, argv, training=False)
     for name, value in asdict(evaluate(model, tokenizer)).items():
         print(f"{name:26s} {value:.3f}")
 
