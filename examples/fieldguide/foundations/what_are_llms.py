@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from fieldguide.lab.cli import TINY, example_parser, main_guard, positive_int, require_device
+from fieldguide.lab.cli import (
+    TINY,
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    require_device,
+    training_config,
+)
+from fieldguide.lab.experiment import Presets, real_model_training
 from fieldguide.lab.loading import ModelLoadError, load_config
 from fieldguide.lab.pretrain import PretrainConfig, pretrain, save
 
@@ -59,6 +67,16 @@ def llama_attention(module, query, key, value, attention_mask=None, scaling=None
     return output.transpose(1, 2).contiguous(), None  # (B, T, H, d), the layout transformers expects
 
 
+# Pretraining a model from scratch: the tiny model's recipe, or for a real model's shape the
+# peak learning rate of Llama 2's pretraining at 7B and 13B (3e-4), bf16 and checkpointing.
+PRESETS = Presets(
+    tiny=PretrainConfig().train,
+    real=real_model_training(
+        max_steps=500, batch_size=16, grad_accum_steps=1, learning_rate=3e-4, weight_decay=0.1
+    ),
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser(
         "Pretrain a base model from random weights on the lab's corpus and save it.",
@@ -66,13 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         "Hugging Face model id whose configuration is used (its weights are not loaded)",
     )
     parser.add_argument("--output", type=Path, required=True, help="directory to save the model in")
-    defaults = PretrainConfig().train
-    parser.add_argument(
-        "--max-steps",
-        type=positive_int,
-        default=defaults.max_steps,
-        help=f"optimizer steps (default: {defaults.max_steps})",
-    )
+    add_training_arguments(parser, PRESETS)
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"
     )
@@ -86,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             architecture = load_config(args.model)
         except ModelLoadError as error:
             parser.error(f"argument --model: {error}")
-    train = replace(defaults, max_steps=args.max_steps, progress=args.progress, seed=args.seed)
-    config = PretrainConfig(train=train)
+    config = PretrainConfig(train=replace(training_config(args, PRESETS), progress=args.progress))
     start = time.perf_counter()
     model, tokenizer = pretrain(config, args.device, architecture)
     seconds = time.perf_counter() - start
