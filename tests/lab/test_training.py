@@ -188,3 +188,10 @@ def test_a_run_shorter_than_its_warm_up_still_reaches_its_peak_rate():
     rates = [multiplier(step) for step in range(10)]
     assert max(rates) == 1.0 and rates.index(1.0) == 4  # warm-up over half the run: steps 0-4
     assert rates[-1] < rates[5]  # then the decay
+
+
+def test_without_a_progress_bar_a_log_line_marks_the_steps(micro_model, micro_tokenizer, capsys):
+    config = TrainConfig(max_steps=4, batch_size=4, progress=False, log_every=2)
+    train(micro_model, blocks(micro_tokenizer), config)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0].strip() for line in lines] == ["step 2/4", "step 4/4"]

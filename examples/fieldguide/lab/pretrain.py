@@ -1,7 +1,7 @@
 """Pretraining the lab's tiny base model: a Llama-architecture decoder, from random weights.
 
 This is next-token prediction on the synthetic corpus, the same objective every LLM is
-pretrained with, at a size that takes under a minute on two CPU cores. The result is a base
+pretrained with, at a size that takes about half a minute on two CPU cores. The result is a base
 model in the usual sense: it continues text, knows the corpus's facts, and has never seen a
 chat, an instruction or a label, which is what the fine-tuning pages then teach it.
 
@@ -42,7 +42,7 @@ class PretrainConfig:
     block_size: int = 128  # tokens per training sequence, and the model's context length
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            max_steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=30, weight_decay=0.1
+            max_steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=30, weight_decay=0.1, log_every=100
         )
     )  # train.seed is the one seed: the corpus, the initial weights and the data order
 
@@ -126,7 +126,7 @@ def ensure_tiny_model() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A line before and after: the build or the test run that pays for this says why it waits.
-    print(f"Pretraining the lab's tiny model into {target} (under a minute)...", file=sys.stderr)
+    print(f"Pretraining the lab's tiny model into {target} (about 30 s on two cores)...", file=sys.stderr)
     start = time.perf_counter()
     config = PretrainConfig()
     model, tokenizer = pretrain(config)

@@ -44,6 +44,7 @@ class TrainConfig:
     checkpoint_dir: Path | None = None  # where checkpoints go; None: no checkpoints
     checkpoint_every: int = 0  # save after every this many steps; 0: never
     progress: bool | None = None  # progress bar; None: only when stderr is a terminal
+    log_every: int = 0  # without a progress bar, a line on stderr every this many steps; 0: never
 
 
 def seed_everything(seed: int) -> None:
@@ -175,6 +176,8 @@ def train(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if not show and config.log_every and step % config.log_every == 0:  # a log, not a terminal
+                print(f"  step {step}/{config.max_steps}, loss {losses[-1]:.3f}", file=sys.stderr)
             if (
                 config.checkpoint_dir is not None
                 and config.checkpoint_every
