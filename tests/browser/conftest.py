@@ -300,6 +300,60 @@ class Visit:
     transfer: int = 0  # bytes over the wire, compressed, headers included
     decoded: int = 0  # the same bodies uncompressed
     requests: int = 0
+    accessibility: dict[str, list[str]] = field(default_factory=dict)  # theme -> serious problems
+
+
+# -- Accessibility: axe-core, run in each visited page, in the light and the dark theme -----------
+
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]  # WCAG 2.0 and 2.1, levels A and AA
+BLOCKING = {"serious", "critical"}
+# The dark theme changes colours and which figure variant shows, nothing else: its pass runs
+# the rules those can break.
+DARK_RULES = ["color-contrast", "link-in-text-block", "image-alt", "svg-img-alt"]
+
+
+@functools.cache
+def axe_script() -> str:
+    """axe-core's script, as the axe-playwright-python package ships it."""
+    import axe_playwright_python
+
+    return (Path(axe_playwright_python.__file__).parent / "axe.min.js").read_text(encoding="utf-8")
+
+
+def switch_theme(page, theme: str) -> None:
+    """Put the loaded page in ``theme`` as a reader's choice would: the system preference and
+    furo's own setting both say it, so everything that follows either (furo's colours, the
+    figures' variants) is in it."""
+    page.emulate_media(color_scheme=theme)
+    page.evaluate(
+        "(theme) => { localStorage.setItem('theme', theme); document.body.dataset.theme = theme; }", theme
+    )
+
+
+def axe_violations(page, run_only: dict) -> list[str]:
+    """axe-core's serious and critical violations in the page as it is now."""
+    page.evaluate(axe_script())
+    results = page.evaluate(
+        "(runOnly) => axe.run(document, {runOnly: runOnly, resultTypes: ['violations']})", run_only
+    )
+    return [
+        f"{v['impact']} {v['id']}: {v['help']} at {json.dumps([n['target'] for n in v['nodes'][:3]])}"
+        for v in results["violations"]
+        if v["impact"] in BLOCKING
+    ]
+
+
+def check_accessibility(page) -> dict[str, list[str]]:
+    """Every rule in the light theme, then the colour rules in the dark one."""
+    found = {}
+    for theme, run_only in (
+        ("light", {"type": "tag", "values": AXE_TAGS}),
+        ("dark", {"type": "rule", "values": DARK_RULES}),
+    ):
+        switch_theme(page, theme)
+        assert page.evaluate("document.body.dataset.theme") == theme
+        found[theme] = axe_violations(page, run_only)
+    return found
 
 
 def visit(browser, site: Site, url: str, missing: bool = False) -> Visit:
@@ -363,6 +417,9 @@ def visit(browser, site: Site, url: str, missing: bool = False) -> Visit:
         counts["decoded"],
         counts["requests"],
     )
+    # The same loaded page, once measured, is checked for accessibility: loading and typesetting
+    # a page cost more than axe itself, so no page is loaded twice for it.
+    result.accessibility = check_accessibility(page)
     context.close()
     return result
 
