@@ -137,11 +137,6 @@ def training_config(args: argparse.Namespace, presets):
     return replace(config, seed=args.seed, **given)
 
 
-def training_summary(config) -> str:
-    """One line with the values a run uses, so that its log says how it was trained."""
-    return ", ".join(f"{name}={getattr(config, name)}" for name, *_ in TRAINING_FLAGS.values())
-
-
 def add_chat_arguments(parser: ExampleParser) -> None:
     """``--chat-template``, for a base model without one, and ``--output``, to save the result."""
     parser.add_argument("--chat-template", type=Path, help="a Jinja chat template, for a model without one")

@@ -139,10 +139,6 @@ class Run:
     model: PreTrainedModel | None = field(default=None, repr=False, compare=False)  # kept if asked
     tokenizer: object = field(default=None, repr=False, compare=False)
 
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds / len(self.losses)
-
     def report(self, score_name: str) -> str:
         """The run as a command prints it: what trained, the score, what it cost."""
         lines = [
