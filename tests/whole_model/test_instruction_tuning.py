@@ -131,6 +131,32 @@ def test_a_chat_template_without_an_end_of_turn_token_is_refused(tiny, examples)
         encode_instructions(broken, examples[:1])
 
 
+CLOSING = "{{ eos_token }}{% endgeneration %}"  # the lab's template: EOS inside the span
+BAD_TEMPLATES = [
+    # (what replaces CLOSING, error message); with no {% endgeneration %} left, {% generation %} goes too
+    ("{% endgeneration %}{{ eos_token }}", "outside its {% generation %} span"),  # EOS after the span
+    ("{{ eos_token }}", "marks no assistant tokens"),  # no span at all
+]
+
+
+def test_the_lab_template_trains_the_token_that_closes_a_turn(micro_tokenizer):
+    instruction_tuning.check_chat_template(micro_tokenizer)  # passes: nothing raised
+
+
+@pytest.mark.parametrize(("closing", "message"), BAD_TEMPLATES)
+def test_a_template_leaving_the_turn_end_untrained_is_refused(micro_tokenizer, closing, message, tmp_path):
+    broken = copy.deepcopy(micro_tokenizer)
+    template = CHAT_TEMPLATE.replace(CLOSING, closing)
+    if "endgeneration" not in closing:
+        template = template.replace("{% generation %}", "")
+    broken.chat_template = template
+    assert end_of_turn_id(broken) == broken.eos_token_id  # the rendered text still closes the turn
+    with pytest.raises(ValueError, match=message):
+        instruction_tuning.check_chat_template(broken)
+    with pytest.raises(ValueError, match=message):  # TRL's trainer is never built on such a template
+        trl_trainer(None, broken, instruction_task().train[:1], TrainConfig(), str(tmp_path))
+
+
 def test_labels_cover_the_response_and_its_eos_only(tiny, examples):
     _, tokenizer = tiny
     (item,) = encode_instructions(tokenizer, examples[:1])

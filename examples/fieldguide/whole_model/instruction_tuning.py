@@ -15,7 +15,13 @@ import sys
 import torch
 
 from fieldguide.lab.cache import cached
-from fieldguide.lab.chat import encode_instructions, require_chat_template, response_prefix
+from fieldguide.lab.chat import (
+    chat_prompt_ids,
+    encode_instructions,
+    end_of_turn_id,
+    require_chat_template,
+    response_prefix,
+)
 from fieldguide.lab.cli import (
     add_chat_arguments,
     add_training_arguments,
@@ -131,6 +137,36 @@ def loss_figure(ax) -> None:
 # -- The same fine-tune with TRL ------------------------------------------------------------
 
 
+def check_chat_template(tokenizer) -> None:
+    """Refuse a template whose ``{% generation %}`` span leaves out the token that closes the turn.
+
+    TRL's ``assistant_only_loss`` keeps labels only inside that span. The closing token (EOS
+    for the lab's model, read off the template by ``end_of_turn_id``) must be inside it too, or
+    it is never a target and the model never learns to stop.
+    """
+    end = end_of_turn_id(tokenizer)  # refuses a template that closes the turn with no special token
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rendered = tokenizer.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    if not any(mask):
+        raise ValueError(
+            "the chat template marks no assistant tokens with {% generation %} ... {% endgeneration %}, "
+            "so TRL's assistant_only_loss would train on nothing: wrap each assistant message and the "
+            "token that closes it in those markers"
+        )
+    start = len(chat_prompt_ids(tokenizer, "hi"))  # where the assistant's answer begins
+    closing = next((i for i in range(start, len(ids)) if ids[i] == end), None)
+    if closing is None:
+        raise ValueError("the rendered chat never closes the assistant's turn")
+    if not mask[closing]:
+        raise ValueError(
+            f"the chat template closes an assistant turn with {tokenizer.convert_ids_to_tokens(end)!r} "
+            "outside its {% generation %} span: under TRL's assistant_only_loss that token would get no "
+            "label, and a model fine-tuned on it would never learn to stop; move {% endgeneration %} "
+            "after it"
+        )
+
+
 def trl_trainer(
     model,
     tokenizer,
@@ -140,6 +176,7 @@ def trl_trainer(
     packing: bool = False,
 ):
     """TRL's ``SFTTrainer`` set up like ``instruction_tuning``: same data, loss on the answer only."""
+    check_chat_template(tokenizer)  # TRL itself only logs a warning when the end of a turn is not trained
     import trl  # imported here: TRL is heavy, and only this function needs it
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
