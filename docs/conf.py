@@ -38,6 +38,7 @@ extensions = [
     "local_mathjax",
     "accessible_html",
     "sitemap",
+    "numeric_doctest",
 ]
 exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 nitpicky = True
@@ -63,8 +64,12 @@ bibtex_default_style = "plain"
 bibtex_reference_style = "author_year"
 
 # -- Doctests ----------------------------------------------------------------
-# Every page's doctests share these imports. The tiny model is loaded (and, on first use,
-# pretrained and cached) only by the pages that ask for it.
+# Settings of the process only, and no names: a page imports everything it uses in its own
+# blocks, so that a reader can paste them into a fresh interpreter in order, and a missing
+# import fails the build rather than being hidden by this setup (the `del` at the end;
+# tests/test_site.py checks both). The seed makes repeatable any draw that a page does not
+# seed itself. The tiny model is loaded (and, on first use, pretrained and cached) only by the
+# pages that ask for it.
 doctest_global_setup = """
 import torch
 torch.manual_seed(0)
@@ -75,8 +80,11 @@ torch.set_flush_denormal(True)
 # 5.23 renamed; the warning is about their code, not the page's.
 import warnings
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+del torch, warnings
 """
 # ELLIPSIS lets a page show the start of a long output; a True must never pass for a 1.
+# A line marked `# doctest: +NUMBER` compares its decimals to their last printed digit
+# (docs/_ext/numeric_doctest.py); it is never a default, so every other number is exact.
 doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
 
 # -- API pages ---------------------------------------------------------------
