@@ -11,11 +11,14 @@ Run it on any causal LM::
 """
 
 import random
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import add_training_arguments, example_parser, fraction, main_guard, training_config
 from fieldguide.lab.corpus import HELDOUT_TEXT_SEED, make_corpus
-from fieldguide.lab.data import pack_texts, pretraining_blocks, with_replay
+from fieldguide.lab.data import encode_completion, pack_texts, pretraining_blocks, with_replay
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
@@ -24,7 +27,7 @@ from fieldguide.lab.experiment import (
     run_technique,
 )
 from fieldguide.lab.loading import load_model, parse_and_load
-from fieldguide.lab.metrics import perplexity, text_losses
+from fieldguide.lab.metrics import perplexity, sequence_logprobs, text_losses
 from fieldguide.lab.pretrain import PretrainConfig
 from fieldguide.lab.training import TrainConfig
 
@@ -38,7 +41,17 @@ SAILOR_SHIPS = {
     "admiral": "frigate",
     "smuggler": "sloop",
     "navigator": "clipper",
+    "boatswain": "whaler",
+    "harpooner": "ketch",
+    "lookout": "yacht",
+    "deckhand": "steamer",
+    "merchant": "barge",
+    "explorer": "dinghy",
 }
+# Every story states its sailor's fact; only the stories of the asked half also ask it as a
+# question and answer it. A question about the other half measures what reading taught.
+ASKED_SAILORS = tuple(SAILOR_SHIPS)[0::2]
+UNASKED_SAILORS = tuple(SAILOR_SHIPS)[1::2]
 HARBORS = ("harbor", "port", "dock", "island", "lighthouse", "reef")
 WEATHER = ("stormy", "foggy", "windy", "misty", "icy", "hazy")
 CREATURES = ("whale", "shark", "dolphin", "seagull", "octopus", "walrus")
@@ -56,8 +69,15 @@ def _sea_story(rng: random.Random) -> str:
         f"the {sailor} spots a {rng.choice(CREATURES)}.",
         f"the {ship} anchors near the {rng.choice(HARBORS)}.",
     ]
+    if sailor in ASKED_SAILORS:  # the question form, with its answer, for half the sailors
+        sentences.append(fact_question(sailor) + f" {ship}.")
     # The ship sentence opens the story, like the home sentence of the animal stories.
     return " ".join([sentences[0], *rng.sample(sentences[1:], rng.randint(2, 4))])
+
+
+def fact_question(sailor: str) -> str:
+    """The question that probes a sailor's fact; the answer is a ship's name, then a full stop."""
+    return f"which ship does the {sailor} sail? the"
 
 
 def make_sea_corpus(num_stories: int, seed: int = 0) -> list[str]:
@@ -66,6 +86,31 @@ def make_sea_corpus(num_stories: int, seed: int = 0) -> list[str]:
         raise ValueError(f"num_stories must be at least 1, got {num_stories}")
     rng = random.Random(seed)
     return [_sea_story(rng) for _ in range(num_stories)]
+
+
+# -- The fact probe ----------------------------------------------------------------------------
+
+
+def fact_outcomes(model, tokenizer, sailors) -> list[int]:
+    """1 where the model finds the sailor's own ship the likeliest answer of all the ships, else 0.
+
+    Each candidate is scored by its summed log-probability after the question, as
+    ``classify_sentiment`` scores its label words; with 12 ships, chance is 1/12.
+    """
+    ships = list(SAILOR_SHIPS.values())
+    examples = [
+        encode_completion(tokenizer, fact_question(sailor), f" {ship}.")
+        for sailor in sailors
+        for ship in ships
+    ]
+    scores = sequence_logprobs(model, examples).view(len(sailors), len(ships))  # (sailors, ships)
+    picked = scores.argmax(dim=-1).tolist()
+    return [int(ships[i] == SAILOR_SHIPS[sailor]) for sailor, i in zip(sailors, picked, strict=True)]
+
+
+def fact_accuracy(sailors) -> Callable:
+    """A measure for the harness: the share of ``sailors`` whose ship the model picks."""
+    return lambda model, tokenizer: statistics.mean(fact_outcomes(model, tokenizer, sailors))
 
 
 # -- Continued pretraining ----------------------------------------------------------------------
@@ -102,15 +147,18 @@ def domain_adaptation(replay_fraction: float = 0.0, seed: int = 0, num_heldout: 
         measures={
             "new-domain perplexity": lambda model, tokenizer: perplexity(model, tokenizer, sea),
             "original perplexity": lambda model, tokenizer: perplexity(model, tokenizer, animals),
+            "fact accuracy, unasked": fact_accuracy(UNASKED_SAILORS),  # stated only: learned by reading
+            "fact accuracy, asked": fact_accuracy(ASKED_SAILORS),  # also asked and answered in training
         },
     )
 
 
 @cached  # the page's doctests and its figure share one run per setting
-def run_continued_pretraining(replay_fraction: float = 0.0):
-    """Continue pretraining a fresh copy of the tiny model, with optional replay."""
+def run_continued_pretraining(replay_fraction: float = 0.0, max_steps: int | None = None):
+    """Continue pretraining a fresh copy of the tiny model, with optional replay; keep the model."""
     model, tokenizer = load_model("tiny")
-    return run_technique(domain_adaptation(replay_fraction), model, tokenizer, PRESETS.tiny)
+    config = PRESETS.tiny if max_steps is None else replace(PRESETS.tiny, max_steps=max_steps)
+    return run_technique(domain_adaptation(replay_fraction), model, tokenizer, config, keep_model=True)
 
 
 def loss_figure(ax) -> None:
