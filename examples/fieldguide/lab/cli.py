@@ -143,6 +143,16 @@ def add_chat_arguments(parser: ExampleParser) -> None:
     parser.add_argument("--output", type=Path, help="directory to save the fine-tuned model in (safetensors)")
 
 
+def add_replay_argument(parser: ExampleParser) -> None:
+    """``--replay``: the share of the tiny model's pretraining stories mixed back in."""
+    parser.add_argument(
+        "--replay",
+        type=fraction,
+        default=0.0,
+        help="share of replayed animal stories, the tiny model's pretraining text (default: 0)",
+    )
+
+
 def require_device(parser: ExampleParser, device: str) -> None:
     """Refuse ``--device cuda`` on a machine where PyTorch sees no GPU."""
     if device == "cuda" and not torch.cuda.is_available():

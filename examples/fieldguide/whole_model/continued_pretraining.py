@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fieldguide.lab.cache import cached
-from fieldguide.lab.cli import add_training_arguments, example_parser, fraction, main_guard, training_config
+from fieldguide.lab.cli import (
+    add_replay_argument,
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    training_config,
+)
 from fieldguide.lab.corpus import HELDOUT_TEXT_SEED, make_corpus
 from fieldguide.lab.data import encode_completion, pack_texts, pretraining_blocks, with_replay
 from fieldguide.lab.experiment import (
@@ -170,12 +176,7 @@ def loss_figure(ax) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Continue pretraining a causal LM on sea stories; report both domains.")
     add_training_arguments(parser, PRESETS)
-    parser.add_argument(
-        "--replay",
-        type=fraction,
-        default=0.0,
-        help="share of replayed animal stories, the tiny model's pretraining text (default: 0)",
-    )
+    add_replay_argument(parser)
     args, model, tokenizer = parse_and_load(parser, argv)
     config = training_config(args, PRESETS)
     run = run_technique(domain_adaptation(args.replay, args.seed), model, tokenizer, config)

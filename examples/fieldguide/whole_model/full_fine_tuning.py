@@ -29,7 +29,13 @@ from transformers import (
 )
 
 from fieldguide.lab.cache import cached
-from fieldguide.lab.cli import add_training_arguments, example_parser, fraction, main_guard, training_config
+from fieldguide.lab.cli import (
+    add_replay_argument,
+    add_training_arguments,
+    example_parser,
+    main_guard,
+    training_config,
+)
 from fieldguide.lab.data import encode_completion, pad_batch, pretraining_blocks, with_replay
 from fieldguide.lab.experiment import (
     Presets,
@@ -263,12 +269,7 @@ def run_trainer():
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Fully fine-tune a causal LM to write the sentiment label after a review.")
     add_training_arguments(parser, PRESETS)
-    parser.add_argument(
-        "--replay",
-        type=fraction,
-        default=0.0,
-        help="share of replayed animal stories, the tiny model's pretraining text (default: 0)",
-    )
+    add_replay_argument(parser)
     args, model, tokenizer = parse_and_load(parser, argv)
     run = run_technique(label_word_fine_tuning(args.replay), model, tokenizer, training_config(args, PRESETS))
     print(run.report("sentiment accuracy"))
