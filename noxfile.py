@@ -35,7 +35,8 @@ TORCH = os.environ.get("FIELD_GUIDE_TORCH", "torch==2.13.0")
 def install(session: nox.Session, *groups: str) -> None:
     index = os.environ.get("FIELD_GUIDE_TORCH_INDEX")
     session.install(TORCH, *(["--index-url", index] if index else []))
-    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, *groups))
+    # The package with its examples' extra (what a reader installs), then the session's groups.
+    session.install("-e", ".[examples]", *nox.project.dependency_groups(PYPROJECT, *groups))
 
 
 def lab_env() -> dict[str, str]:

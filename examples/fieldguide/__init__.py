@@ -4,3 +4,6 @@
 site, with one module per page, named after the page (``whole_model.instruction_tuning`` is
 the page ``whole-model/instruction-tuning``).
 """
+
+# The one place the version is written: pyproject.toml, the site and the notebooks read it here.
+__version__ = "0.1.0"
