@@ -12,10 +12,16 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 from offline_inventories import write_inventories
 
+import fieldguide
+
 # -- Project information -----------------------------------------------------
 project = "LLM Fine-Tuning Field Guide"
 author = "The Field Guide authors"
 copyright = "2026, The Field Guide authors"
+# The package version the site is built from, read where it is written once. Every page's
+# footer shows it (_templates/page.html), and a page names it with {sub-ref}`release`.
+release = fieldguide.__version__
+version = ".".join(release.split(".")[:2])
 
 # -- General configuration ---------------------------------------------------
 extensions = [
@@ -39,6 +45,7 @@ extensions = [
     "accessible_html",
     "sitemap",
     "numeric_doctest",
+    "downloads",
 ]
 exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 nitpicky = True
@@ -112,6 +119,9 @@ html_title = "LLM Fine-Tuning Field Guide"
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # wrapping code blocks: docs/_static/custom.css
+# Furo's page template, extended by one footer line: the version the site was built from.
+templates_path = ["_templates"]
 html_favicon = "_static/favicon.svg"
 # MathJax is served by the site itself (docs/_ext/local_mathjax.py copies it), so equations
 # render offline; a path relative to _static/.

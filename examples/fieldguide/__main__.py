@@ -14,7 +14,10 @@ from fieldguide import __version__
 # Every runnable example, in the order of the site: command name, module, what it does.
 # The command name is the page's name, so the site and the command line agree.
 COMMANDS = {
-    "generate": ("fieldguide.lab.generate", "show a model's next-token probabilities and continue a prompt"),
+    "generate": (
+        "fieldguide.lab.generate",
+        "continue a prompt, showing the next-token probabilities; or chat (--chat)",
+    ),
     "what-are-llms": ("fieldguide.foundations.what_are_llms", "pretrain the lab's tiny base model"),
     "common-llms": ("fieldguide.foundations.common_llms", "count a Llama-family model's parameters"),
     "choosing": ("fieldguide.foundations.choosing", "zero-shot, few-shot and retrieval prompts, no training"),

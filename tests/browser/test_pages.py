@@ -52,3 +52,43 @@ def test_pages_are_light(visits):
     weights = {path: visit.transfer for path, visit in visits.items()}
     assert statistics.median(weights.values()) < 1 * MB
     assert {path: weight for path, weight in weights.items() if weight > 2.5 * MB} == {}
+
+
+def test_the_front_door_has_a_card_per_part_the_tutorial_first_and_no_contents_list(browser, site, load):
+    """The index is a front door: one card per part of the sidebar, in its order, each to a
+    page of that part; the tutorial's first; "get the code" one click away; and the
+    table of contents left to the sidebar, not repeated in the page as a list of links."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    load(page, site.url("index.html"))
+    found = page.evaluate(
+        """() => {
+            const content = document.querySelector("article[role=main]");
+            const parts = [...document.querySelectorAll(".sidebar-tree p.caption")].map((caption) => ({
+                name: caption.textContent.trim(),
+                pages: [...caption.nextElementSibling.querySelectorAll("a")].map((a) => a.href),
+            }));
+            const cards = [...content.querySelectorAll(".sd-card")].map((card) => ({
+                title: card.querySelector(".sd-card-title").textContent.trim(),
+                href: card.querySelector("a.sd-stretched-link")?.href,
+                text: card.querySelector(".sd-card-text")?.textContent.trim() || "",
+            }));
+            return {
+                parts: parts,
+                cards: cards,
+                links: [...content.querySelectorAll("a")].map((a) => a.href),
+                listed: content.querySelectorAll(".toctree-wrapper a").length,
+            };
+        }"""
+    )
+    context.close()
+    parts, cards = found["parts"], found["cards"]
+    assert len(parts) >= 5, parts  # the sidebar's parts: no captions would make the rest vacuous
+    assert [card["title"] for card in cards] == [part["name"] for part in parts]
+    assert [card["href"] in part["pages"] for card, part in zip(cards, parts, strict=True)] == [True] * len(
+        parts
+    )
+    assert all(card["text"] for card in cards), cards  # each says what is in its part
+    assert cards[0]["href"] == site.url("start-here/tutorial.html")
+    assert site.url("get-the-code.html") in found["links"]
+    assert found["listed"] == 0

@@ -99,4 +99,4 @@ def test_the_command_line_names_a_bad_model(capsys):
         common_llms.main(["--model", "/no/such/dir"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "argument --model: cannot load model '/no/such/dir'" in err
+    assert err.count("\n") == 1 and "argument --model: no local folder named '/no/such/dir'" in err

@@ -46,11 +46,12 @@ def test_encoding_no_examples_is_an_error(tiny):
         encode_instructions(tiny[1], [])
 
 
-@pytest.mark.parametrize("model", ["tiny", "some/real-model"])
-def test_the_tutorial_presets_fit_the_task(model):
+@pytest.mark.parametrize("model", ["tiny", "{tmp}"])  # the tiny model's preset, then a real model's
+def test_the_tutorial_presets_fit_the_task(model, tmp_path):
     parser = example_parser("test")
     add_training_arguments(parser, tutorial.PRESETS)
-    config = training_config(parser.parse_args(["--model", model, "--seed", "3"]), tutorial.PRESETS)
+    argv = ["--model", model.format(tmp=tmp_path), "--seed", "3"]  # a folder passes for a real model
+    config = training_config(parser.parse_args(argv), tutorial.PRESETS)
     assert config.seed == 3
     assert config.warmup_steps < config.max_steps
     assert config.batch_size <= len(instruction_task().train)
@@ -120,7 +121,7 @@ def test_the_run_is_memoised(monkeypatch, tmp_path):
     [
         (["--max-steps", "0"], "argument --max-steps: must be 1 or more"),
         (["--learning-rate", "-1"], "argument --learning-rate: must be above 0"),
-        (["--model", "./no-such-dir"], "argument --model: cannot load model"),
+        (["--model", "./no-such-dir"], "argument --model: no local folder named './no-such-dir'"),
     ],
 )
 def test_bad_arguments_get_one_line(capsys, argv, message):

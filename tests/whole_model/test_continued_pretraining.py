@@ -8,6 +8,7 @@ import torch
 
 from fieldguide.lab.corpus import make_corpus
 from fieldguide.lab.experiment import run_technique
+from fieldguide.lab.loading import load_model
 from fieldguide.whole_model import continued_pretraining
 from fieldguide.whole_model.continued_pretraining import (
     ASKED_SAILORS,
@@ -126,7 +127,15 @@ def test_an_empty_sea_corpus_is_refused():
         make_sea_corpus(0)
 
 
-def test_command_line_prints_both_domains(capsys):
-    main(["--max-steps", "2"])
+def test_command_line_prints_both_domains_and_saves(tiny, tmp_path, capsys):
+    main(["--max-steps", "2", "--output", str(tmp_path / "sea")])
     out = capsys.readouterr().out
     assert "new-domain perplexity" in out and "original perplexity" in out
+    assert f"saved to {tmp_path / 'sea'}" in out
+    assert changed_weights(tmp_path / "sea", tiny[0])  # what was trained, not the base model
+
+
+def changed_weights(directory, base) -> list[str]:
+    """The weights of the model saved in ``directory`` that differ from ``base``'s."""
+    saved, _ = load_model(directory)
+    return [name for name, weight in saved.state_dict().items() if not weight.equal(base.state_dict()[name])]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.experiment import frozen_copy
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.tasks import Split, sentiment_task
 from fieldguide.lab.training import TrainConfig, causal_lm_loss, train
 from fieldguide.whole_model import distillation
@@ -179,3 +180,14 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_command_line_saves_the_logit_student(tmp_path, capsys):
+    argv = ["--labelled", "8", "--unlabelled", "8", "--max-steps", "1", "--output", str(tmp_path / "student")]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "logit: held-out accuracy" in out and f"saved to {tmp_path / 'student'}" in out
+    student, tokenizer = load_model(tmp_path / "student")
+    shape = (student.config.num_hidden_layers, student.config.hidden_size)
+    assert shape == (1, 64)  # the student's shape, not the teacher's
+    assert tokenizer.chat_template  # the tokenizer saved beside it: the lab's, with its template

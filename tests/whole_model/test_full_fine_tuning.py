@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fieldguide.lab.data import IGNORE_INDEX
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.tasks import SENTIMENT_LABELS, SENTIMENT_PROMPT, ClassificationExample
 from fieldguide.whole_model.full_fine_tuning import (
     causal_lm_training_set,
@@ -116,12 +117,14 @@ def test_training_memory_of_no_parameters_is_refused():
         training_memory_bytes(0)
 
 
-def test_command_line_reports_accuracy_before_and_after(capsys):
-    main(["--max-steps", "2", "--batch-size", "4"])
+def test_command_line_reports_accuracy_before_and_after_and_saves(tiny, tmp_path, capsys):
+    main(["--max-steps", "2", "--batch-size", "4", "--output", str(tmp_path / "tuned")])
     out = capsys.readouterr().out
     assert "trainable parameters   422,400 of 422,400" in out
     assert "sentiment accuracy before" in out and "sentiment accuracy after" in out
     assert "perplexity" in out and "->" in out
+    assert f"saved to {tmp_path / 'tuned'}" in out
+    assert changed_weights(tmp_path / "tuned", tiny[0])  # what was trained, not the base model
 
 
 def test_command_line_refuses_a_replay_fraction_of_one(capsys):
@@ -130,3 +133,9 @@ def test_command_line_refuses_a_replay_fraction_of_one(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --replay: must be at least 0 and below 1, got 1" in err
+
+
+def changed_weights(directory, base) -> list[str]:
+    """The weights of the model saved in ``directory`` that differ from ``base``'s."""
+    saved, _ = load_model(directory)
+    return [name for name, weight in saved.state_dict().items() if not weight.equal(base.state_dict()[name])]

@@ -9,6 +9,7 @@ import torch
 from fieldguide.lab.chat import encode_instructions, end_of_turn_id, response_prefix
 from fieldguide.lab.data import IGNORE_INDEX, pad_batch
 from fieldguide.lab.experiment import run_technique
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.tasks import InstructionExample, instruction_task
 from fieldguide.lab.tokenizer import CHAT_TEMPLATE
 from fieldguide.lab.training import TrainConfig, causal_lm_loss
@@ -188,3 +189,11 @@ def test_presets_are_hashable_and_frozen():
         presets.tiny.max_steps = 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         presets.tiny = presets.real
+
+
+def test_the_command_line_saves_the_instruction_tuned_model(tiny, tmp_path, capsys):
+    instruction_tuning.main(["--max-steps", "1", "--batch-size", "4", "--output", str(tmp_path / "sft")])
+    assert f"saved to {tmp_path / 'sft'}" in capsys.readouterr().out
+    saved, tokenizer = load_model(tmp_path / "sft")
+    assert tokenizer.chat_template == CHAT_TEMPLATE  # the template it was trained with
+    assert any(not w.equal(tiny[0].state_dict()[k]) for k, w in saved.state_dict().items())

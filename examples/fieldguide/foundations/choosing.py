@@ -110,15 +110,47 @@ DECISIONS = [
 ]
 
 
-def _connect(ax, start, end, start_at, end_at, label, label_offset):
-    """An arrow between two boxes' edges (fractions of each box), labelled near its start."""
-    import matplotlib.pyplot as plt
+# Text in the diagram: 10 pt is 13 px on screen at the figure's natural width, above the 10 px
+# the site's figures keep to (tests/browser/test_figures.py).
+FONT_SIZE = 10
+GAP = 5  # points between a yes/no label and the arrow it names
 
+
+def _box(text):
+    """Where the box drawn around ``text`` is on the canvas, as a transform annotations accept.
+
+    A text's own extent leaves out its box's padding; arrows and labels placed by it would
+    start inside the box and touch its edge.
+    """
+
+    def extent(renderer):
+        text.update_bbox_position_size(renderer)
+        return text.get_bbox_patch().get_window_extent(renderer)
+
+    return extent
+
+
+def _connect(ax, start, end, start_at, end_at, label, horizontal):
+    """An arrow from one box's edge to another's (fractions of each box), labelled at its middle."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    start_box, end_box = _box(start), _box(end)
     arrow = {"arrowstyle": "-|>", "color": plt.rcParams["text.color"], "shrinkA": 0, "shrinkB": 0}
-    ax.annotate("", xy=end_at, xycoords=end, xytext=start_at, textcoords=start, arrowprops=arrow)
-    ax.annotate(
-        label, xy=start_at, xycoords=start, xytext=label_offset, textcoords="offset points", fontsize=8
-    )
+    ax.annotate("", xy=end_at, xycoords=end_box, xytext=start_at, textcoords=start_box, arrowprops=arrow)
+
+    def between(renderer):  # the arrow's two ends: its middle is (0.5, 0.5) of this box
+        a, b = start_box(renderer), end_box(renderer)
+        start_point = (a.x0 + start_at[0] * a.width, a.y0 + start_at[1] * a.height)
+        return Bbox([start_point, (b.x0 + end_at[0] * b.width, b.y0 + end_at[1] * b.height)])
+
+    # Above a horizontal arrow, beside a vertical one, with a gap to the line.
+    if horizontal:
+        offset, align = (0, GAP), {"ha": "center", "va": "bottom"}
+    else:
+        offset, align = (GAP, 0), {"ha": "left", "va": "center"}
+    middle = {"xy": (0.5, 0.5), "xycoords": between, "xytext": offset, "textcoords": "offset points"}
+    ax.annotate(label, **middle, fontsize=FONT_SIZE, **align)
 
 
 def plot_decision_diagram(ax) -> None:
@@ -126,17 +158,17 @@ def plot_decision_diagram(ax) -> None:
     import matplotlib.pyplot as plt
 
     ink = plt.rcParams["text.color"]  # the theme's text colour: readable in light and dark
-    question_box = {"boxstyle": "round,pad=0.5", "facecolor": "none", "edgecolor": ink}
-    answer_box = {"boxstyle": "square,pad=0.5", "facecolor": "none", "edgecolor": ink, "linewidth": 2}
+    question_box = {"boxstyle": "round,pad=0.6", "facecolor": "none", "edgecolor": ink}
+    answer_box = {"boxstyle": "square,pad=0.6", "facecolor": "none", "edgecolor": ink, "linewidth": 2}
     ax.set_axis_off()
     above = None
     for row, (question, answer) in enumerate(DECISIONS):
-        y = 0.85 - 0.35 * row  # rows from the top of the axes down
-        ask = ax.text(0.27, y, question, ha="center", va="center", fontsize=8, bbox=question_box)
-        result = ax.text(0.8, y, answer, ha="center", va="center", fontsize=8, bbox=answer_box)
-        _connect(ax, ask, result, (1, 0.5), (0, 0.5), "yes", (6, 3))
+        y = 0.86 - 0.36 * row  # rows from the top of the axes down
+        ask = ax.text(0.25, y, question, ha="center", va="center", fontsize=FONT_SIZE, bbox=question_box)
+        result = ax.text(0.79, y, answer, ha="center", va="center", fontsize=FONT_SIZE, bbox=answer_box)
+        _connect(ax, ask, result, (1, 0.5), (0, 0.5), "yes", horizontal=True)
         if above is not None:
-            _connect(ax, above, ask, (0.5, 0), (0.5, 1), "no", (5, -12))
+            _connect(ax, above, ask, (0.5, 0), (0.5, 1), "no", horizontal=False)
         above = ask
 
 
@@ -146,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         "--shots", type=non_negative_int, default=2, help="demonstrations per prompt (default: 2)"
     )
     parser.add_argument(
-        "--num-heldout", type=positive_int, default=None, help="score only this many held-out reviews"
+        "--num-heldout",
+        type=positive_int,
+        default=None,
+        help="score only this many held-out reviews (default: all of them)",
     )
     args, model, tokenizer = parse_and_load(parser, argv, training=False)
     task = sentiment_task()

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True, help="directory to save the model in")
     add_training_arguments(parser, PRESETS)
     parser.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
     )
     args = parser.parse_args(argv)
     require_device(parser, args.device)

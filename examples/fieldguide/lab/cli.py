@@ -4,24 +4,74 @@ Every example takes ``--model``, ``--device`` and ``--seed``; every example that
 takes the same six training flags (``add_training_arguments``), whose defaults come from the
 technique's presets: one for the lab's tiny model on a CPU, one for a real model. A mistake on
 the command line ends the program with one line that names the argument and exit status 2,
-never a traceback.
+never a traceback; that includes a ``--model`` that names neither a local folder nor a Hub id
+(``model_name``), refused before anything loads. ``--help`` shows every default and names
+the command as it was typed (``fieldguide generate`` or ``python -m fieldguide.lab.generate``).
 
 This module imports nothing else of the lab, so every other module may import it.
 """
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 TINY = "tiny"  # the --model value that names the lab's own model
+PACKAGE = Path(__file__).resolve().parents[1]  # examples/fieldguide: module names start here
+
+
+def program_name() -> str | None:
+    """The command that ran this example, as a reader would type it again.
+
+    ``fieldguide generate`` sets ``sys.argv[0]`` itself; ``python -m fieldguide.lab.generate``
+    leaves the file's path there, which argparse would print as ``generate.py``, a command
+    that does not work. ``None`` (anything else, such as pytest) keeps argparse's default.
+    """
+    command = sys.argv[0] if sys.argv else ""
+    if command.startswith("fieldguide "):
+        return command
+    path = Path(command).resolve()
+    if path.suffix != ".py" or not path.is_relative_to(PACKAGE):
+        return None
+    module = path.relative_to(PACKAGE.parent).with_suffix("")
+    return "python -m " + ".".join(module.parts)
+
+
+def help_with_default(action) -> str:
+    """An option's help (``action``, an ``argparse.Action``) with its default appended, unless
+    the text already states one.
+
+    A default of None means "something else decides" (the preset, the model, all of them):
+    those options say so in words, since "(default: None)" would tell a reader nothing.
+    """
+    text = action.help or ""
+    if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        return text
+    return f"{text} (default: %(default)s)"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default (see ``help_with_default``)."""
+
+    def _get_help_string(self, action) -> str:
+        return help_with_default(action)
 
 
 class ExampleParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are a single line on stderr."""
+    """An ``ArgumentParser`` whose errors are a single line on stderr, and whose ``--help``
+    names the command as it was typed and shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", program_name())
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         """Print ``message`` as one line naming the program, and exit with status 2."""
@@ -78,13 +128,66 @@ def non_empty_text(text: str) -> str:
     return text
 
 
-MODEL_HELP = f"local directory or Hugging Face model id; {TINY!r} (default) is the lab's own model"
+def existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it at import, or as set since then."""
+    return (
+        constants.HF_HUB_OFFLINE
+        or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    )
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a name in the Hub's repo-id syntax, ``owner/name`` (``Qwen/Qwen2.5-0.5B``)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with a ``--model`` value, or None: the lab's model, an existing folder,
+    or a Hub id that can be reached.
+
+    Decided before anything loads, so that a typo fails at once and says what it was taken
+    for, instead of after the Hub client's retries.
+    """
+    if name == TINY or Path(name).expanduser().is_dir():
+        return None
+    if not is_hub_id(name):
+        return f"no local folder named {name!r}, and {name!r} is not a Hugging Face Hub id (owner/name)"
+    if _offline() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return (
+            f"{name!r} was taken for a Hugging Face Hub id, but HF_HUB_OFFLINE is set and it is "
+            "not in the local cache"
+        )
+    return None
+
+
+def model_name(text: str) -> str:
+    """The ``--model`` argument's type: refuses a name that cannot name a model."""
+    problem = model_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+MODEL_HELP = (
+    f"local directory or Hugging Face model id (owner/name); {TINY!r} (default) is the lab's own model"
+)
 
 
 def example_parser(description: str, model_help: str = MODEL_HELP) -> ExampleParser:
     """A parser with the three arguments every example takes."""
     parser = ExampleParser(description=description)
-    parser.add_argument("--model", default=TINY, help=model_help)
+    parser.add_argument("--model", type=model_name, default=TINY, help=model_help)
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)"
     )
@@ -137,10 +240,31 @@ def training_config(args: argparse.Namespace, presets):
     return replace(config, seed=args.seed, **given)
 
 
+def add_chat_template_argument(parser: ExampleParser) -> None:
+    """``--chat-template``, for a base model without one."""
+    parser.add_argument(
+        "--chat-template",
+        type=existing_file,
+        metavar="FILE",
+        help="a Jinja chat template, for a model without one (default: the model's own)",
+    )
+
+
+def add_output_argument(parser: ExampleParser, what: str = "the fine-tuned model") -> None:
+    """``--output``: where a training example saves what it trained, for ``--model`` to load."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help=f"directory to save {what} in, weights as safetensors with its tokenizer, "
+        "loadable with --model DIR (default: not saved)",
+    )
+
+
 def add_chat_arguments(parser: ExampleParser) -> None:
     """``--chat-template``, for a base model without one, and ``--output``, to save the result."""
-    parser.add_argument("--chat-template", type=Path, help="a Jinja chat template, for a model without one")
-    parser.add_argument("--output", type=Path, help="directory to save the fine-tuned model in (safetensors)")
+    add_chat_template_argument(parser)
+    add_output_argument(parser)
 
 
 def add_replay_argument(parser: ExampleParser) -> None:
@@ -151,6 +275,12 @@ def add_replay_argument(parser: ExampleParser) -> None:
         default=0.0,
         help="share of replayed animal stories, the tiny model's pretraining text (default: 0)",
     )
+
+
+def require_new_output(parser: ExampleParser, output: Path | None) -> None:
+    """Refuse an ``--output`` that holds something already, before any training is paid for."""
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        parser.error(f"argument --output: {output} exists and is not empty")
 
 
 def require_device(parser: ExampleParser, device: str) -> None:

@@ -34,6 +34,7 @@ loss function as it is; ``num_tokens``, if a batch has it, is the count of real 
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -233,9 +234,23 @@ def make_run(
 
 def plot_losses(ax, runs: dict, title: str) -> None:
     """Every loss figure on the site: one curve per run, on a log scale, on a matplotlib ``Axes``."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     for label, run in runs.items():
-        ax.plot(range(1, len(run.losses) + 1), run.losses, label=label)
+        # A dot on the last step, and its value in the legend: where the run ended is the
+        # number a reader looks for, and a noisy curve's end is hard to read off an axis.
+        last = f"{run.losses[-1]:#.2g}".rstrip(".")  # two significant digits, a trailing zero kept
+        steps = range(1, len(run.losses) + 1)
+        ax.plot(steps, run.losses, marker="o", markevery=[-1], label=f"{label}, last step {last}")
     ax.set_yscale("log")  # first steps near the loss of a uniform guess; the learning is below 1
+    # Ticks at 1, 2 and 5 times each power of ten (1 and 3 over more than 2.5 powers, where
+    # three would crowd), written as plain decimals: with labels at the powers alone (10^0,
+    # 10^1), a value between them cannot be read.
+    losses = [loss for run in runs.values() for loss in run.losses]
+    decades = math.log10(max(losses) / min(losses))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0, 3.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats per target token)")
     ax.set_title(title)

@@ -17,7 +17,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fieldguide.lab.cli import TINY, ExampleParser, quiet_unless_terminal, require_device
+from fieldguide.lab.cli import (
+    TINY,
+    ExampleParser,
+    model_name_problem,
+    quiet_unless_terminal,
+    require_device,
+    require_new_output,
+)
 from fieldguide.lab.memory import check_weights_fit
 from fieldguide.lab.pretrain import ensure_tiny_model
 from fieldguide.lab.training import seed_everything
@@ -27,24 +34,21 @@ class ModelLoadError(ValueError):
     """A model name that is neither a usable local directory nor a reachable hub id."""
 
 
-def _looks_like_path(name: str) -> bool:
-    """True for names that can only be paths; a hub id such as ``org/model`` is not one."""
-    return name.startswith(("/", "~", "./", "../")) or Path(name).exists()
-
-
 def from_pretrained(auto_class, name: str | Path = TINY, **kwargs):
     """``auto_class.from_pretrained`` for the tiny model, a directory or a hub id.
 
-    The one road to ``from_pretrained`` in the lab: ``"tiny"`` is built on first use, a path
-    must exist, and a failure of any kind becomes a one-line ``ModelLoadError``.
+    The one road to ``from_pretrained`` in the lab: ``"tiny"`` is built on first use, any
+    other name must be an existing directory or a Hub id (``owner/name``) that can be reached,
+    and a failure of any kind becomes a one-line ``ModelLoadError``.
     """
     name = str(name)
+    problem = model_name_problem(name)
+    if problem is not None:  # the rule every --model follows (fieldguide.lab.cli.model_name)
+        raise ModelLoadError(problem)
     if name == TINY:
         path = str(ensure_tiny_model())
-    elif _looks_like_path(name) and not Path(name).expanduser().is_dir():
-        raise ModelLoadError(f"cannot load model {name!r}: no such directory")
-    else:
-        path = str(Path(name).expanduser()) if _looks_like_path(name) else name
+    else:  # a directory wins over a Hub id of the same spelling, as in from_pretrained
+        path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
     quiet_unless_terminal()
     try:
         return auto_class.from_pretrained(path, **kwargs)
@@ -91,6 +95,7 @@ def parse_and_load(parser: ExampleParser, argv: list[str] | None = None, trainin
     """
     args = parser.parse_args(argv)
     require_device(parser, args.device)
+    require_new_output(parser, getattr(args, "output", None))  # checked before training, not after
     seed_everything(args.seed)
     dtype = torch.bfloat16 if args.device == "cuda" and not training else torch.float32
     try:
@@ -105,3 +110,10 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
     quiet_unless_terminal()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)  # with the chat template the model was trained on
+
+
+def save_if_asked(output: Path | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """``--output DIR``: save what an example trained, for ``--model DIR`` to load back."""
+    if output is not None:
+        save_model(model, tokenizer, output)
+        print(f"saved to {output}")

@@ -25,7 +25,7 @@ from fieldguide.lab.experiment import (
     real_model_training,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load, save_model
+from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes
 from fieldguide.lab.tasks import InstructionExample, instruction_task
 from fieldguide.lab.training import TrainConfig
@@ -74,11 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     require_chat_template(tokenizer, args.chat_template)
     config = training_config(args, PRESETS)
     technique = instruction_following(instruction_task().heldout[: args.num_heldout])
-    run = run_technique(technique, model, tokenizer, config)
+    run = run_technique(technique, model, tokenizer, config, keep_model=args.output is not None)
     print(run.report("exact match"))
-    if args.output is not None:
-        save_model(model, tokenizer, args.output)
-        print(f"saved to {args.output}")
+    save_if_asked(args.output, run.model, tokenizer)
 
 
 if __name__ == "__main__":

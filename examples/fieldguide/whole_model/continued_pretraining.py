@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import (
+    add_output_argument,
     add_replay_argument,
     add_training_arguments,
     example_parser,
@@ -32,7 +33,7 @@ from fieldguide.lab.experiment import (
     real_model_training,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load
+from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import perplexity, sequence_logprobs, text_losses
 from fieldguide.lab.pretrain import PretrainConfig
 from fieldguide.lab.training import TrainConfig
@@ -177,10 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Continue pretraining a causal LM on sea stories; report both domains.")
     add_training_arguments(parser, PRESETS)
     add_replay_argument(parser)
+    add_output_argument(parser)
     args, model, tokenizer = parse_and_load(parser, argv)
     config = training_config(args, PRESETS)
-    run = run_technique(domain_adaptation(args.replay, args.seed), model, tokenizer, config)
+    technique = domain_adaptation(args.replay, args.seed)
+    run = run_technique(technique, model, tokenizer, config, keep_model=args.output is not None)
     print(run.report("sea-story loss"))
+    save_if_asked(args.output, run.model, tokenizer)
 
 
 if __name__ == "__main__":

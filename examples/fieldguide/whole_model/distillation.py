@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import (
+    add_output_argument,
     add_training_arguments,
     example_parser,
     main_guard,
@@ -39,7 +40,7 @@ from fieldguide.lab.experiment import (
     real_model_training,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load
+from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import classify_sentiment, sentiment_outcomes
 from fieldguide.lab.pretrain import PretrainConfig, build_model
 from fieldguide.lab.tasks import label_word, sentiment_prompt, sentiment_task
@@ -145,8 +146,11 @@ def pick_reviews(num_labelled: int, num_unlabelled: int, seed: int = 0) -> tuple
     return reviews[:num_labelled], reviews[num_labelled:]
 
 
-def compare_students(model, tokenizer, config: DistillConfig) -> dict[str, Run]:
-    """Fine-tune a copy of ``model`` as the teacher; train three students; score all four."""
+def compare_students(model, tokenizer, config: DistillConfig, keep_students: bool = False) -> dict[str, Run]:
+    """Fine-tune a copy of ``model`` as the teacher; train three students; score all four.
+
+    Each run keeps its model when ``keep_students`` is set (the command line's ``--output``).
+    """
     task = sentiment_task()
     heldout_score = lambda model, tokenizer: sentiment_outcomes(model, tokenizer, task.heldout)
     everything = [encode_review(tokenizer, ex.text, ex.label) for ex in task.train]
@@ -177,7 +181,7 @@ def compare_students(model, tokenizer, config: DistillConfig) -> dict[str, Run]:
             loss=loss_fn,
             score=heldout_score,
         )
-        runs[name] = run_technique(as_student, teacher, tokenizer, config.student)
+        runs[name] = run_technique(as_student, teacher, tokenizer, config.student, keep_model=keep_students)
     return runs
 
 
@@ -224,10 +228,23 @@ def loss_figure(ax) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Distil a fine-tuned teacher into a small student; compare with labels alone.")
     parser.add_argument("--labelled", type=positive_int, default=8, help="labelled reviews (default: 8)")
-    parser.add_argument("--unlabelled", type=positive_int, default=256, help="unlabelled (default: 256)")
-    parser.add_argument("--temperature", type=positive_float, default=2.0, help="tau (default: 2)")
-    parser.add_argument("--alpha", type=unit_interval, default=0.5, help="soft weight (default: 0.5)")
+    parser.add_argument(
+        "--unlabelled",
+        type=positive_int,
+        default=256,
+        help="unlabelled reviews the teacher labels (default: 256)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=2.0,
+        help="tau, which softens both models' logits (default: 2)",
+    )
+    parser.add_argument(
+        "--alpha", type=unit_interval, default=0.5, help="weight of the soft-label term (default: 0.5)"
+    )
     add_training_arguments(parser, TEACHER_PRESETS)  # the teacher's fine-tune
+    add_output_argument(parser, what="the logit-distilled student")
     args, model, tokenizer = parse_and_load(parser, argv)
     config = DistillConfig(
         temperature=args.temperature,
@@ -237,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         teacher=training_config(args, TEACHER_PRESETS),
         student=replace(DistillConfig().student, seed=args.seed),
     )
-    for name, run in compare_students(model, tokenizer, config).items():
+    runs = compare_students(model, tokenizer, config, keep_students=args.output is not None)
+    for name, run in runs.items():
         print(f"{name:>15}: held-out accuracy {run.after}")
+    save_if_asked(args.output, runs["logit"].model, tokenizer)  # the student that learned from logits
 
 
 if __name__ == "__main__":

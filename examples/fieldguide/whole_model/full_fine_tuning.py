@@ -30,6 +30,7 @@ from transformers import (
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import (
+    add_output_argument,
     add_replay_argument,
     add_training_arguments,
     example_parser,
@@ -45,7 +46,7 @@ from fieldguide.lab.experiment import (
     real_model_training,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load
+from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import heldout_perplexity, sentiment_outcomes
 from fieldguide.lab.pretrain import PretrainConfig
 from fieldguide.lab.tasks import ClassificationExample, label_word, sentiment_prompt, sentiment_task
@@ -121,9 +122,14 @@ FORGETTING_SETTINGS = {
 
 
 def loss_figure(ax) -> None:
-    """The loss curves of the page's runs, with and without replay."""
-    runs = {name: run_causal_lm(**FORGETTING_SETTINGS[name]) for name in ("lr 1e-3", "lr 3e-3 + 50% replay")}
-    plot_losses(ax, runs, "Full fine-tuning on sentiment, label words as targets")
+    """The loss curve of the page's first run, at the preset's learning rate."""
+    plot_losses(ax, {"lr 1e-3": run_causal_lm()}, "Full fine-tuning on sentiment, label words as targets")
+
+
+def forgetting_loss_figure(ax) -> None:
+    """The loss curves of the forgetting section's three settings, replay among them."""
+    runs = {name: run_causal_lm(**setting) for name, setting in FORGETTING_SETTINGS.items()}
+    plot_losses(ax, runs, "Two learning rates, and replay")
 
 
 # -- Variant 2: a classification head ---------------------------------------------------------
@@ -270,9 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Fully fine-tune a causal LM to write the sentiment label after a review.")
     add_training_arguments(parser, PRESETS)
     add_replay_argument(parser)
+    add_output_argument(parser)
     args, model, tokenizer = parse_and_load(parser, argv)
-    run = run_technique(label_word_fine_tuning(args.replay), model, tokenizer, training_config(args, PRESETS))
+    config = training_config(args, PRESETS)
+    keep = args.output is not None
+    run = run_technique(label_word_fine_tuning(args.replay), model, tokenizer, config, keep_model=keep)
     print(run.report("sentiment accuracy"))
+    save_if_asked(args.output, run.model, tokenizer)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from fieldguide.lab.experiment import (
     real_model_training,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load, save_model
+from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes
 from fieldguide.lab.tasks import InstructionExample, instruction_task
 from fieldguide.lab.training import TrainConfig
@@ -218,16 +218,17 @@ def trl_trainer(
 def main(argv: list[str] | None = None) -> None:
     parser = example_parser("Instruction-tune a model on the lab's instruction task; print exact match.")
     add_training_arguments(parser, PRESETS)
-    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False, help="pack rows")
+    parser.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=False, help="pack chats into full rows"
+    )
     add_chat_arguments(parser)
     args, model, tokenizer = parse_and_load(parser, argv)
     require_chat_template(tokenizer, args.chat_template)
     technique = instruction_tuning(instruction_task().heldout, tokenizer.pad_token_id, args.packing)
-    run = run_technique(technique, model, tokenizer, training_config(args, PRESETS))
+    config = training_config(args, PRESETS)
+    run = run_technique(technique, model, tokenizer, config, keep_model=args.output is not None)
     print(run.report("exact match"))
-    if args.output is not None:
-        save_model(model, tokenizer, args.output)
-        print(f"saved to {args.output}")
+    save_if_asked(args.output, run.model, tokenizer)
 
 
 if __name__ == "__main__":
