@@ -36,6 +36,7 @@ from nbclient import NotebookClient
 from numeric_doctest import NumericOutputChecker
 
 import fieldguide
+from fieldguide.lab.pretrain import cache_root
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs"
@@ -64,7 +65,7 @@ def run_notebook(
         "display_name": "The lab",
         "language": "python",
         # The test run's model cache, so that the tiny model is not pretrained again; no Hub.
-        "env": {"FIELD_GUIDE_CACHE": os.environ["FIELD_GUIDE_CACHE"], "HF_HUB_OFFLINE": "1"},
+        "env": {"FIELD_GUIDE_CACHE": str(cache_root()), "HF_HUB_OFFLINE": "1"},
     }
     (kernels / "lab" / "kernel.json").write_text(json.dumps(spec))
     manager = KernelManager(
