@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from nbclient import NotebookClient
 from numeric_doctest import NumericOutputChecker
 
 import fieldguide
-from fieldguide.lab.pretrain import cache_root
+from fieldguide.lab.pretrain import cache_root, tiny_model_dir
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs"
@@ -51,7 +52,7 @@ INSTALL = f'%pip install "{DISTRIBUTION}[examples]=={fieldguide.__version__}"'
 
 
 def run_notebook(
-    book: nbformat.NotebookNode, python: Path, workdir: Path, timeout: int
+    book: nbformat.NotebookNode, python: Path, workdir: Path, timeout: int, cache: Path | None = None
 ) -> nbformat.NotebookNode:
     """A copy of ``book``, its outputs cleared, run top to bottom in a new kernel of ``python``."""
     run = copy.deepcopy(book)
@@ -65,7 +66,7 @@ def run_notebook(
         "display_name": "The lab",
         "language": "python",
         # The test run's model cache, so that the tiny model is not pretrained again; no Hub.
-        "env": {"FIELD_GUIDE_CACHE": str(cache_root()), "HF_HUB_OFFLINE": "1"},
+        "env": {"FIELD_GUIDE_CACHE": str(cache or cache_root()), "HF_HUB_OFFLINE": "1"},
     }
     (kernels / "lab" / "kernel.json").write_text(json.dumps(spec))
     manager = KernelManager(
@@ -407,18 +408,31 @@ def lab(request):
     if os.environ.get("FIELD_GUIDE_NOTEBOOK_PYTHON") == "this":
         return Path(sys.executable), "import fieldguide  # installed in this interpreter already"
     venv = request.getfixturevalue("wheel_venv")
-    return venv.python, f"%pip install --no-index --no-deps {venv.wheel}"
+    # The page's own requirement, extra and version included, resolved against the local
+    # wheel and what the venv holds instead of against PyPI.
+    return venv.python, INSTALL.replace(
+        "%pip install ", f"%pip install --no-index --find-links {venv.wheel.parent} "
+    )
+
+
+@pytest.fixture
+def cold_cache(tmp_path) -> Path:
+    """A model cache holding the tiny model and nothing else, so a notebook computes every run
+    itself instead of reading what the site's build computed."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir(), cache / tiny_model_dir().name)
+    return cache
 
 
 @pytest.mark.parametrize("name", RUN_PAGES)
-def test_a_pages_notebook_runs_and_shows_the_pages_output(name, lab, tmp_path):
+def test_a_pages_notebook_runs_and_shows_the_pages_output(name, lab, tmp_path, cold_cache):
     page = nbformat.read(built_site() / FOLDER / f"{name}.ipynb", as_version=4)
     assert page.cells[0].source == INSTALL
     python, install = lab
     page_to_run = copy.deepcopy(page)
     page_to_run.cells[0].source = install
     start = time.perf_counter()
-    run = run_notebook(page_to_run, python, tmp_path, timeout=900)
+    run = run_notebook(page_to_run, python, tmp_path, timeout=900, cache=cold_cache)
     log.info("the notebook of %s ran in %.0f s", name, time.perf_counter() - start)
     assert "ERROR" not in shown(run.cells[0])[1]  # %pip reports a failure without raising
     assert mismatches(page, run) == []
@@ -426,12 +440,13 @@ def test_a_pages_notebook_runs_and_shows_the_pages_output(name, lab, tmp_path):
 
 
 @pytest.mark.parametrize("name", RUN_PAGES)
-def test_a_pages_script_runs_to_the_end(name, lab, tmp_path):
+def test_a_pages_script_runs_to_the_end(name, lab, tmp_path, cold_cache):
     python, _ = lab
     script = built_site() / FOLDER / f"{name}.py"
     start = time.perf_counter()
+    env = {**os.environ, "FIELD_GUIDE_CACHE": str(cold_cache), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [python, script], cwd=tmp_path, capture_output=True, text=True, timeout=1800, check=False
+        [python, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800, check=False
     )
     log.info("the script of %s ran in %.0f s", name, time.perf_counter() - start)
     assert done.returncode == 0, done.stderr[-3000:]

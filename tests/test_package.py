@@ -233,7 +233,11 @@ def steps(workflow: dict) -> list[dict]:
 def test_every_action_is_pinned_to_a_commit_named_by_its_version(path):
     used = [step["uses"] for step in steps(load(path)) if "uses" in step]
     assert used and all(re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", action) for action in used), used
-    lines = [line.strip() for line in path.read_text().splitlines() if re.match(r"\s*(- )?uses:", line)]
+    lines = [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(- )?uses:", line) and "uses: ./" not in line  # ./: a workflow of this repository
+    ]
     unnamed = [line for line in lines if not re.search(r"@[0-9a-f]{40} # v\d+(\.\d+)*$", line)]
     assert unnamed == []
 
@@ -246,13 +250,15 @@ def test_only_the_publish_job_may_get_an_oidc_token_and_no_job_may_write():
     workflow = load(RELEASE)
     assert workflow["permissions"] == {"contents": "read"}
     granted = {name: job.get("permissions") for name, job in workflow["jobs"].items()}
-    assert granted == {"build": None, "publish": {"id-token": "write"}}
+    assert granted == {"tests": None, "build": None, "publish": {"id-token": "write"}}
 
 
 def test_publishing_is_trusted_publishing_with_no_stored_token():
     workflow = load(RELEASE)
     publish = workflow["jobs"]["publish"]
-    assert publish["needs"] == "build"
+    assert publish["needs"] == ["tests", "build"]  # never a commit whose tests failed
+    assert workflow["jobs"]["tests"]["uses"] == "./.github/workflows/tests.yml"
+    assert "workflow_call" in load(RELEASE.with_name("tests.yml"))["on"]
     assert publish["environment"]["name"] == "pypi"
     (upload,) = [step for step in publish["steps"] if step["uses"].startswith("pypa/gh-action-pypi-publish@")]
     assert not {"password", "user", "username", "token"} & set(upload.get("with", {}))

@@ -41,6 +41,7 @@ import ast
 import base64
 import builtins
 import doctest
+import importlib.metadata
 import mimetypes
 import posixpath
 import re
@@ -353,13 +354,22 @@ def introduction(reader: PageReader, what: str, version: str) -> str:
     title = reader.app.env.titles[reader.docname].astext()
     page = f"[{title}]({reader.page_url})" if reader.page_url else title
     made = f"This {what} is made from the page {page} of the {reader.app.config.project}, version {version}."
+    # The PyTorch the site was built and tested with; without a GPU, its CPU build is a small
+    # download, where pip's default is the multi-GB CUDA one.
+    torch_pin = f"torch=={importlib.metadata.version('torch').split('+')[0]}"
+    cpu_first = (
+        f"On a machine without a GPU, install the CPU build of PyTorch before the lab: "
+        f"`pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu`."
+    )
     if what == "notebook":
         return (
             f"{made} Its first cell installs the guide's examples at that version, the next sets what the "
-            "site runs every example with; the rest is the page, each code cell with the output the page shows."
+            "site runs every example with; the rest is the page, each code cell with the output the page "
+            f"shows. {cpu_first}"
         )
     return (
-        f"{made} Install the guide's examples at that version first:\n\n    {install_line(version)}\n\n"
+        f"{made} {cpu_first} Install the guide's examples at that version first:\n\n"
+        f"    {install_line(version)}\n\n"
         "The first cell sets what the site runs every example with; the rest is the page, each code "
         "cell followed by the output the page shows, as a comment."
     )

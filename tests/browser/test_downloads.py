@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import fieldguide
+
 DOCS = Path(__file__).parents[2] / "docs"
 LABELS = {"Download notebook": ".ipynb", "Download Python script": ".py"}
 
@@ -23,8 +25,9 @@ def check_file(context, url: str, suffix: str) -> str | None:
     text = response.text()
     if suffix == ".ipynb":
         book = json.loads(text)
-        if book["nbformat"] != 4 or not book["cells"][0]["source"]:
-            return f"{url}: not a notebook with an install cell"
+        first = "".join(book["cells"][0]["source"]) if book["nbformat"] == 4 else ""
+        if not first.startswith(f'%pip install "llm-finetuning-guide[examples]=={fieldguide.__version__}"'):
+            return f"{url}: not a notebook whose first cell installs this version of the lab"
     else:
         compile(text, url, "exec")
     return None

@@ -195,3 +195,24 @@ def test_output_that_holds_something_is_refused_before_training(tmp_path, capsys
         full_fine_tuning.main(["--output", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"argument --output: {tmp_path} exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: (tmp / "a-file").write_text("mine") and tmp / "a-file", "is a file; name a new folder"),
+        (
+            lambda tmp: (tmp / "a-file").write_text("mine") and tmp / "a-file" / "below",
+            "cannot make the folder",
+        ),
+    ],
+    ids=["a file", "under a file"],
+)
+def test_output_that_cannot_be_a_folder_is_refused_before_training(
+    tmp_path, capsys, monkeypatch, make, message
+):
+    monkeypatch.setattr(full_fine_tuning, "run_technique", lambda *args, **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        full_fine_tuning.main(["--output", str(make(tmp_path))])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -3,10 +3,11 @@
 import io
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from fieldguide.lab import generate
+from fieldguide.lab import chat, generate
 from fieldguide.lab.generate import continue_text, top_next_tokens
 from model_families import QWEN2_TEMPLATE, save_family_model
 
@@ -59,9 +60,22 @@ def recorded_chat(monkeypatch):
     return shown
 
 
-def test_a_chat_keeps_the_conversation_until_an_empty_line(recorded_chat, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n\nnever read\n"))
+def test_a_chat_answers_each_message_on_its_own_by_default(recorded_chat, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     generate.chat(None, None, None, max_new_tokens=5, temperature=0.0)
+    assert capsys.readouterr().out == "reply 1\nreply 2\n"
+    assert recorded_chat[1] == [{"role": "user", "content": "second"}]
+
+
+def test_an_empty_reply_is_said_so(monkeypatch, capsys):
+    monkeypatch.setattr(generate, "chat_reply", lambda *args: "")
+    generate.chat(None, None, "hello", max_new_tokens=5, temperature=0.0)
+    assert capsys.readouterr().out.startswith("(an empty reply")
+
+
+def test_a_chat_with_history_keeps_the_conversation_until_an_empty_line(recorded_chat, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n\nnever read\n"))
+    generate.chat(None, None, None, max_new_tokens=5, temperature=0.0, history=True)
     assert capsys.readouterr().out == "reply 1\nreply 2\n"
     assert recorded_chat[1] == [
         {"role": "user", "content": "first"},
@@ -129,3 +143,30 @@ def test_a_chat_template_without_chat_is_refused(tmp_path, capsys):
         generate.main(["--chat-template", str(tmp_path / "chat.jinja")])
     assert exit_info.value.code == 2
     assert "argument --chat-template: only used with --chat" in capsys.readouterr().err
+
+
+def test_a_long_conversation_forgets_its_oldest_exchanges_to_fit_the_context(tiny):
+    model, tokenizer = tiny
+    limit = model.config.max_position_embeddings
+    turn = [
+        {"role": "user", "content": "repeat: owl apple pie"},
+        {"role": "assistant", "content": "owl apple pie"},
+    ]
+    messages = turn * 12 + [{"role": "user", "content": "last word of: fox red pie"}]
+    encoded = generate.fit_in_context(model, tokenizer, messages)
+    assert encoded["input_ids"].shape[1] < limit
+    assert messages[-1]["content"] == "last word of: fox red pie" and messages[0]["role"] == "user"
+    assert len(messages) < 25  # some exchanges were dropped, the newest message kept
+
+
+def test_a_message_longer_than_the_context_is_one_clear_error(tiny):
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "repeat: " + "owl " * 200}]
+    with pytest.raises(ValueError, match="the model's context holds 128"):
+        generate.fit_in_context(model, tokenizer, messages)
+
+
+def test_generation_stops_where_the_model_itself_would_too(monkeypatch):
+    monkeypatch.setattr(chat, "end_of_turn_id", lambda tokenizer: 5)
+    tokenizer, config = SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=[7, 9])
+    assert chat.stop_token_ids(tokenizer, config) == [5, 7, 9]  # no None; the config's list kept

@@ -8,7 +8,7 @@ transformers Llama model, which shows that it is the attention the lab's tiny mo
 From the command line, the page's other subject: pretraining a base model from random weights
 on the lab's corpus, in the tiny shape or in a real model's::
 
-    python -m fieldguide.foundations.what_are_llms --output my-tiny-model
+    fieldguide what-are-llms --output my-tiny-model
 """
 
 import argparse
@@ -25,6 +25,7 @@ from fieldguide.lab.cli import (
     example_parser,
     main_guard,
     require_device,
+    require_new_output,
     training_config,
 )
 from fieldguide.lab.experiment import Presets, real_model_training
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     require_device(parser, args.device)
-    if args.output.exists() and any(args.output.iterdir()):
-        parser.error(f"argument --output: {args.output} exists and is not empty")
+    require_new_output(parser, args.output)
     architecture = None
     if args.model != TINY:  # a real model's shape, trained from scratch on the lab's corpus
         try:

@@ -68,9 +68,14 @@ def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
     return token_id in tokenizer.all_special_ids or (added is not None and added.special)
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Where generation should stop: the end of a turn, and EOS (a base model's end of text)."""
-    return sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id})
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> list[int]:
+    """Where generation should stop: the end of a turn, EOS (a base model's end of text), and
+    whatever the model's own generation config stops at (Llama 3.1 lists ``<|eom_id|>`` too):
+    passing ``eos_token_id`` to ``generate`` replaces that list, so it is merged here."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id, *configured}
+    return sorted(token for token in ids if token is not None)
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

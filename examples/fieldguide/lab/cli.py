@@ -157,12 +157,20 @@ def model_name_problem(name: str) -> str | None:
     or a Hub id that can be reached.
 
     Decided before anything loads, so that a typo fails at once and says what it was taken
-    for, instead of after the Hub client's retries.
+    for, instead of after the Hub client's retries. Without HF_HUB_OFFLINE a Hub id is
+    looked up on the Hub, so a machine with no network still waits for those retries: set
+    HF_HUB_OFFLINE=1 there.
     """
-    if name == TINY or Path(name).expanduser().is_dir():
-        return None
+    try:
+        if name == TINY or Path(name).expanduser().is_dir():
+            return None
+    except RuntimeError:  # "~nosuchuser/x": expanduser cannot find the home folder
+        return f"no local folder named {name!r}: {name.split('/')[0]!r} names no user's home"
+    if "/" not in name and isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None  # a legacy one-word id (gpt2) already in the local Hub cache
     if not is_hub_id(name):
-        return f"no local folder named {name!r}, and {name!r} is not a Hugging Face Hub id (owner/name)"
+        hint = " (older one-word ids need their owner now: openai-community/gpt2)" if "/" not in name else ""
+        return f"no local folder named {name!r}, and {name!r} is not a Hugging Face Hub id (owner/name){hint}"
     if _offline() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
         return (
             f"{name!r} was taken for a Hugging Face Hub id, but HF_HUB_OFFLINE is set and it is "
@@ -278,9 +286,18 @@ def add_replay_argument(parser: ExampleParser) -> None:
 
 
 def require_new_output(parser: ExampleParser, output: Path | None) -> None:
-    """Refuse an ``--output`` that holds something already, before any training is paid for."""
-    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
-        parser.error(f"argument --output: {output} exists and is not empty")
+    """Refuse an ``--output`` that holds something already, or that cannot be made, before any
+    training is paid for. The folder is made here, empty, so a bad path fails now, not after."""
+    if output is None:
+        return
+    if output.is_file():
+        parser.error(f"argument --output: {output} is a file; name a new folder")
+    if output.is_dir() and any(output.iterdir()):
+        parser.error(f"argument --output: {output} exists and is not empty; name a new folder or remove it")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --output: cannot make the folder {output}: {error.strerror}")
 
 
 def require_device(parser: ExampleParser, device: str) -> None:

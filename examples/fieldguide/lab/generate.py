@@ -4,7 +4,7 @@ Run it to continue a prompt with any causal LM, or to chat with a model that has
 template (a fine-tune saved with ``--output``, say)::
 
     fieldguide generate --prompt "the duck lives in the"
-    fieldguide generate --model my-first-fine-tune --chat --prompt "reverse: owl apple pie"
+    fieldguide generate --model my-first-fine-tune --chat --prompt "repeat: owl apple pie"
 
 (``python -m fieldguide.lab.generate`` is the same command.)
 """
@@ -60,9 +60,7 @@ def chat_reply(
     template (``fieldguide.lab.chat``), so the reply is one turn, not the model's next guess
     at what the user says.
     """
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    ).to(model.device)
+    encoded = fit_in_context(model, tokenizer, messages)
     prompt_length = encoded["input_ids"].shape[1]
     # No further than the model's context (the tiny model's is 128 tokens): past it, a model
     # that has not stopped produces nothing worth reading.
@@ -72,10 +70,33 @@ def chat_reply(
         **encoded,
         max_new_tokens=max(1, min(max_new_tokens, room - prompt_length)),
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(tokenizer),
+        eos_token_id=stop_token_ids(tokenizer, model.generation_config),
         **sampling,
     )
     return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def fit_in_context(model, tokenizer, messages: list[dict]) -> dict:
+    """The rendered conversation, its oldest exchanges dropped (from ``messages`` itself) until
+    it leaves room for at least one new token in the model's context.
+
+    A long chat outgrows a small context in a few turns (the tiny model's is 128 tokens);
+    forgetting the oldest turns is what chat front ends do. A single message that does not fit
+    on its own is an error, not a reply cut to nothing.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    while True:
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        ).to(model.device)
+        if limit is None or encoded["input_ids"].shape[1] < limit:
+            return encoded
+        if len(messages) <= 1:
+            raise ValueError(
+                f"the message takes {encoded['input_ids'].shape[1]} tokens with the chat template, "
+                f"and the model's context holds {limit}: write a shorter one"
+            )
+        del messages[:2]  # the oldest user message and the reply to it
 
 
 def user_turns(prompt: str | None):
@@ -94,14 +115,22 @@ def user_turns(prompt: str | None):
         yield line.strip()
 
 
-def chat(model, tokenizer, prompt: str | None, max_new_tokens: int, temperature: float) -> None:
-    """Answer each user turn, keeping the whole conversation for the next one."""
+def chat(
+    model, tokenizer, prompt: str | None, max_new_tokens: int, temperature: float, history: bool = False
+) -> None:
+    """Answer each user turn: on its own, or with the conversation so far (``history``).
+
+    On its own is the default because the lab's models were fine-tuned on one-message chats:
+    shown a longer conversation, they answer worse than when asked afresh.
+    """
     messages = []
     for text in user_turns(prompt):
+        if not history:
+            messages.clear()
         messages.append({"role": "user", "content": text})
         reply = chat_reply(model, tokenizer, messages, max_new_tokens, temperature)
         messages.append({"role": "assistant", "content": reply})  # as generated, for the next turn
-        print(reply.strip(), flush=True)
+        print(reply.strip() or "(an empty reply: the model ended its turn at once)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
         "--chat",
         action="store_true",
         help="answer as the assistant, through the model's chat template, until the end of its turn",
+    )
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="with --chat, show the model the whole conversation, not only the latest message "
+        "(the lab's models were fine-tuned on one-message chats; real chat models want it)",
     )
     add_chat_template_argument(parser)
     parser.add_argument(
@@ -143,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"argument --chat: {args.model!r} has no chat template; pass --chat-template FILE "
                 "(a Jinja template), or drop --chat to continue text"
             )
-        chat(model, tokenizer, args.prompt, args.max_new_tokens or 200, args.temperature)
+        chat(model, tokenizer, args.prompt, args.max_new_tokens or 200, args.temperature, args.history)
         return
     prompt = args.prompt or DEFAULT_PROMPT
     for token, prob in top_next_tokens(model, tokenizer, prompt, args.top_k):

@@ -126,7 +126,7 @@ def ensure_tiny_model() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A line before and after: the build or the test run that pays for this says why it waits.
-    print(f"Pretraining the lab's tiny model into {target} (about 30 s on two cores)...", file=sys.stderr)
+    print(f"Pretraining the lab's tiny model into {target} (under a minute on two cores)...", file=sys.stderr)
     start = time.perf_counter()
     config = PretrainConfig()
     model, tokenizer = pretrain(config)
