@@ -2,7 +2,6 @@
 
 import doctest
 import logging
-import os
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -132,9 +131,9 @@ html_search_scorer = str(DOCS / "_ext" / "search_scorer.js")  # Sphinx opens it 
 # -- Hosting -----------------------------------------------------------------
 # The one place that names where the source lives and where the site is published.
 REPOSITORY = "https://github.com/llm-finetuning-guide/field-guide"
-# Read the Docs sets its own address; everywhere else the site is on GitHub Pages.
+# The site's one address (pyproject.toml's Documentation URL is the same; tests/test_site.py).
 SITE = "https://llm-finetuning-guide.github.io/field-guide/"
-html_baseurl = os.environ.get("READTHEDOCS_CANONICAL_URL", SITE)
+html_baseurl = SITE
 html_theme_options = {
     # An "edit this page" and a "view source" link at the top of every page.
     "source_repository": f"{REPOSITORY}/",

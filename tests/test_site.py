@@ -6,6 +6,7 @@ import builtins
 import doctest
 import re
 import symtable
+import tomllib
 from pathlib import Path
 
 import numeric_doctest  # noqa: F401 (registers +NUMBER, which doctest's parser must know to read the pages)
@@ -195,3 +196,13 @@ def test_names_left_by_reads_imports_and_deletions():
 
 def test_the_global_doctest_setup_leaves_no_name_for_a_page_to_lean_on():
     assert names_left_by(global_doctest_setup()) == set()
+
+
+def test_the_site_has_one_address_everywhere():
+    """conf.py's SITE is the canonical address; pyproject.toml and the README name no other."""
+    root = DOCS.parent
+    site = re.search(r'^SITE = "([^"]+)"', (DOCS / "conf.py").read_text(), flags=re.MULTILINE)[1]
+    urls = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls["Documentation"] == site
+    for path in [root / "README.md", root / "pyproject.toml", DOCS / "conf.py", *PAGES]:
+        assert "readthedocs" not in path.read_text().lower(), f"{path.name} names another site address"
