@@ -30,6 +30,8 @@ INVENTORIES = {
             ("argparse.Namespace", "py:class", "library/argparse.html#argparse.Namespace"),
             ("collections.abc.Callable", "py:class", "library/collections.abc.html#collections.abc.Callable"),
             ("collections.abc.Iterator", "py:class", "library/collections.abc.html#collections.abc.Iterator"),
+            ("collections.abc.Hashable", "py:class", "library/collections.abc.html#collections.abc.Hashable"),
+            ("random.Random", "py:class", "library/random.html#random.Random"),
             ("typing.Generic", "py:class", "library/typing.html#typing.Generic"),
         ],
     ),

@@ -28,7 +28,7 @@ QUERY = "the nut is dry and stale."
             [GOOD],
             1,
             (
-                "the pie is sweet and fresh. overall, the review is positive. "
+                "the pie is sweet and fresh. overall, the review is good. "
                 "the nut is dry and stale. overall, the review is"
             ),
         ),
@@ -36,16 +36,15 @@ QUERY = "the nut is dry and stale."
             [BAD, GOOD],
             2,
             (
-                "the soup is cold and bland. overall, the review is negative. "
-                "the pie is sweet and fresh. overall, the review is positive. "
+                "the soup is cold and bland. overall, the review is bad. "
+                "the pie is sweet and fresh. overall, the review is good. "
                 "the nut is dry and stale. overall, the review is"
             ),
         ),
         (
             [BAD, GOOD],
             1,
-            "the soup is cold and bland. overall, the review is negative. "
-            + SENTIMENT_PROMPT.format(text=QUERY),
+            "the soup is cold and bland. overall, the review is bad. " + SENTIMENT_PROMPT.format(text=QUERY),
         ),
     ],
 )
@@ -79,7 +78,7 @@ def test_a_prompt_longer_than_the_context_window_is_refused(tiny):
     model, tokenizer = tiny
     task = sentiment_task()
     with pytest.raises(ValueError, match="more than the model's context window of 128"):
-        few_shot_sentiment_accuracy(model, tokenizer, task.train, task.heldout[:2], k=4)
+        few_shot_sentiment_accuracy(model, tokenizer, task.train, task.heldout[:2], k=6)
 
 
 def test_bad_inputs_to_the_accuracy_are_refused(tiny):
@@ -136,4 +135,26 @@ def test_the_command_line_prints_both_accuracies(capsys):
 
 def test_the_command_line_refuses_too_many_shots():
     with pytest.raises(ValueError, match="context window"):
-        choosing.main(["--shots", "4", "--num-heldout", "2"])
+        choosing.main(["--shots", "6", "--num-heldout", "2"])
+
+
+def test_retrieval_finds_each_animals_note_and_never_the_home():
+    import random
+
+    from fieldguide.foundations.choosing import note_store, retrieve
+    from fieldguide.lab.corpus import ANIMAL_HOMES, today_question
+
+    notes = note_store(random.Random(3))
+    for animal, note in notes.items():
+        assert retrieve(list(notes.values()), today_question(animal)) == [note]
+        assert not note.endswith(f" {ANIMAL_HOMES[animal]}.")
+
+
+def test_retrieval_helps_the_base_model(tiny):
+    """Issue 8, point 4, on the choosing page: the retrieved note changes the answer."""
+    from fieldguide.foundations.choosing import retrieval_outcomes
+    from fieldguide.lab.stats import paired_difference
+
+    without, with_retrieval = retrieval_outcomes(*tiny, num_days=5)
+    gain, low, _ = paired_difference(without, with_retrieval)
+    assert len(without) == 50 and gain >= 0.3 and low > 0

@@ -54,7 +54,7 @@ def test_formula_equals_the_meta_device_count(name):
 
 def test_the_tiny_model(tiny):
     model, _ = tiny
-    assert llama_parameter_count(model.config) == model.num_parameters() == 422_400
+    assert llama_parameter_count(model.config) == model.num_parameters() == 424_576
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_weight_gigabytes_refuses_an_unknown_dtype():
 def test_the_command_line_prints_the_counts(capsys):
     common_llms.main([])
     out = capsys.readouterr().out
-    assert "from the config: 422,400" in out and "on the meta device: 422,400" in out
+    assert "from the config: 424,576" in out and "on the meta device: 424,576" in out
     assert "6,738,415,616" in out
 
 

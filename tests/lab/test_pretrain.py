@@ -3,9 +3,17 @@
 from fieldguide.lab.corpus import ANIMAL_HOMES, make_corpus
 from fieldguide.lab.generate import top_next_tokens
 from fieldguide.lab.loading import load_model
-from fieldguide.lab.metrics import exact_match, perplexity, preference_accuracy, sentiment_accuracy
+from fieldguide.lab.metrics import (
+    context_outcomes,
+    exact_match,
+    perplexity,
+    place_answers,
+    preference_accuracy,
+    sentiment_accuracy,
+)
 from fieldguide.lab.pretrain import tiny_model_dir
-from fieldguide.lab.tasks import instruction_task, preference_task, sentiment_task
+from fieldguide.lab.stats import paired_difference
+from fieldguide.lab.tasks import context_task, instruction_task, preference_task, sentiment_task
 
 
 def test_tiny_model_is_saved_as_safetensors_and_reloads(tiny):
@@ -37,6 +45,25 @@ def test_base_model_is_near_chance_on_sentiment(tiny):
 
 def test_base_model_is_near_chance_on_preferences(tiny):
     assert abs(preference_accuracy(*tiny, preference_task().heldout) - 0.5) <= 0.15
+
+
+def test_base_model_reads_its_context(tiny):
+    """Issue 8, point 4: a held-out passage that says where an animal is today changes the answer."""
+    examples = context_task()
+    without = context_outcomes(*tiny, examples, with_passage=False)
+    with_passage = context_outcomes(*tiny, examples, with_passage=True)
+    gain, low, _ = paired_difference(without, with_passage)
+    assert gain >= 0.3 and low > 0, (sum(without), sum(with_passage), len(examples))
+
+
+def test_base_model_answers_the_home_without_a_passage(tiny):
+    # The corpus's default: asked where an animal is today with nothing said, it is at home.
+    examples = context_task()
+    answers = place_answers(*tiny, [ex.question for ex in examples])
+    at_home = sum(
+        answer == ANIMAL_HOMES[ex.question.split()[3]] for answer, ex in zip(answers, examples, strict=True)
+    )
+    assert at_home / len(examples) >= 0.5
 
 
 def test_base_model_cannot_follow_the_instructions(tiny):

@@ -1,5 +1,6 @@
 """Knowledge distillation: our loss against TRL's and PyTorch's, and its error cases."""
 
+import math
 import os
 import warnings
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.experiment import frozen_copy
 from fieldguide.lab.loading import load_model
-from fieldguide.lab.tasks import Split, sentiment_task
+from fieldguide.lab.tasks import ClassificationExample, Split, sentiment_key, sentiment_task
 from fieldguide.lab.training import TrainConfig, causal_lm_loss, train
 from fieldguide.whole_model import distillation
 from fieldguide.whole_model.distillation import (
@@ -20,9 +21,13 @@ from fieldguide.whole_model.distillation import (
     distillation_loss,
     distillation_loss_fn,
     encode_review,
+    graded_task,
+    label_probabilities,
     main,
+    readers_cross_entropy,
     soft_target_kl,
     speedup,
+    teacher_and_transfer,
 )
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives in trl.experimental in TRL 1.x
@@ -108,24 +113,61 @@ def test_loss_fn_trains_the_student_and_leaves_the_teacher(tiny):
     assert student.num_parameters() < model.num_parameters() / 4
 
 
-def test_compare_students_trains_a_teacher_and_three_students_of_one_start(tiny, monkeypatch):
+@pytest.mark.parametrize("task", ["sentiment", "graded"])
+def test_compare_students_trains_a_teacher_and_three_students_of_one_start(tiny, monkeypatch, task):
     model, tokenizer = tiny
-    task = sentiment_task()  # scored on a few held-out reviews, to keep the test short
-    monkeypatch.setattr(distillation, "sentiment_task", lambda: Split(task.train, task.heldout[:16]))
+    real = sentiment_task  # scored on a few held-out reviews, to keep the test short
+    monkeypatch.setattr(
+        distillation, "sentiment_task", lambda seed=0: Split(real(seed).train, real(seed).heldout[:16])
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     short = TrainConfig(max_steps=2, batch_size=4, progress=False)
-    runs = compare_students(
-        model, tokenizer, DistillConfig(num_labelled=4, num_unlabelled=8, teacher=short, student=short)
-    )
-    assert list(runs) == ["teacher", "labels only", "sequence-level", "logit"]
-    assert all(len(run.losses) == 2 for run in runs.values())
+    runs = compare_students(model, tokenizer, DistillConfig(teacher=short, student=short), task)
+    assert list(runs) == ["teacher", "oracle", "hard labels", "soft targets"]
     assert all(
         torch.equal(before[k], v) for k, v in model.state_dict().items()
     )  # the caller's model is left as it was
-    students = [runs[name] for name in ("labels only", "sequence-level", "logit")]
+    students = [runs[name] for name in ("oracle", "hard labels", "soft targets")]
     assert all(run.total_parameters < runs["teacher"].total_parameters / 4 for run in students)
     assert students[0].before == students[1].before == students[2].before  # the same initial weights
     assert all(run.before.n == 16 for run in runs.values())
+    assert all(run.model is None for run in runs.values())  # kept only when asked
+
+
+def test_the_transfer_set_shares_no_word_set_with_the_teacher_or_the_heldout_reviews():
+    reviews = sentiment_task()
+    parts = teacher_and_transfer(reviews.train, teacher_share=0.5)
+    keys = lambda examples: {sentiment_key(ex) for ex in examples}
+    assert not keys(parts.train) & keys(parts.heldout)
+    assert not keys(parts.heldout) & keys(reviews.heldout)
+    assert sorted(parts.train + parts.heldout, key=str) == sorted(reviews.train, key=str)
+    assert 0.4 < len(parts.train) / len(reviews.train) < 0.6
+
+
+def test_graded_readers_flip_only_reviews_with_but_at_about_the_stated_rate():
+    reviews, graded = sentiment_task(), graded_task(mixed_agreement=0.7)
+    assert graded.heldout == reviews.heldout  # scored against the rule, the majority's answer
+    flips = [
+        (" but " in ex.text, g.label != ex.label) for g, ex in zip(graded.train, reviews.train, strict=True)
+    ]
+    assert not any(flipped for has_but, flipped in flips if not has_but)
+    with_but = [flipped for has_but, flipped in flips if has_but]
+    rate = sum(with_but) / len(with_but)  # binomial: n about 330, standard error about 0.025
+    assert 0.2 < rate < 0.4
+    assert graded_task(mixed_agreement=1.0).train == reviews.train  # readers who all agree
+
+
+def test_label_probabilities_are_the_two_label_words_renormalised(tiny):
+    model, tokenizer = tiny
+    texts = ["the pie is fresh but cold.", "the nut is not stale."]
+    good = label_probabilities(model, tokenizer, [ClassificationExample(t, 1) for t in texts])
+    bad = label_probabilities(model, tokenizer, [ClassificationExample(t, 0) for t in texts])
+    assert all(abs(g + b - 1) < 1e-5 for g, b in zip(good, bad, strict=True))
+    # The readers' cross-entropy weighs the two by the readers' shares: 0.7 on "but" reviews.
+    examples = [ClassificationExample(t, 1) for t in texts]
+    loss = readers_cross_entropy(model, tokenizer, examples, mixed_agreement=0.7)
+    expected = [-(0.7 * math.log(good[0]) + 0.3 * math.log(bad[0])), -math.log(good[1])]
+    assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_alpha_zero_equals_the_lab_loss(tiny):
@@ -168,7 +210,8 @@ def test_speedup_of_a_model_against_itself_is_about_one(micro_model):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--labelled", "0"], "must be 1 or more"),
+        (["--student-steps", "0"], "argument --student-steps: must be 1 or more"),
+        (["--task", "poems"], "argument --task: invalid choice"),
         (["--temperature", "0"], "argument --temperature: must be above 0"),
         (["--alpha", "2"], "argument --alpha: must be between 0 and 1"),
         (["--max-steps", "0"], "argument --max-steps: must be 1 or more"),
@@ -182,11 +225,11 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert err.count("\n") == 1 and message in err
 
 
-def test_the_command_line_saves_the_logit_student(tmp_path, capsys):
-    argv = ["--labelled", "8", "--unlabelled", "8", "--max-steps", "1", "--output", str(tmp_path / "student")]
+def test_the_command_line_saves_the_soft_target_student(tmp_path, capsys):
+    argv = ["--max-steps", "1", "--student-steps", "1", "--output", str(tmp_path / "student")]
     main(argv)
     out = capsys.readouterr().out
-    assert "logit: held-out accuracy" in out and f"saved to {tmp_path / 'student'}" in out
+    assert "soft targets: held-out accuracy" in out and f"saved to {tmp_path / 'student'}" in out
     student, tokenizer = load_model(tmp_path / "student")
     shape = (student.config.num_hidden_layers, student.config.hidden_size)
     assert shape == (1, 64)  # the student's shape, not the teacher's

@@ -120,7 +120,7 @@ def test_training_memory_of_no_parameters_is_refused():
 def test_command_line_reports_accuracy_before_and_after_and_saves(tiny, tmp_path, capsys):
     main(["--max-steps", "2", "--batch-size", "4", "--output", str(tmp_path / "tuned")])
     out = capsys.readouterr().out
-    assert "trainable parameters   422,400 of 422,400" in out
+    assert "trainable parameters   424,576 of 424,576" in out
     assert "sentiment accuracy before" in out and "sentiment accuracy after" in out
     assert "perplexity" in out and "->" in out
     assert f"saved to {tmp_path / 'tuned'}" in out

@@ -12,9 +12,10 @@ import random
 import re
 
 from fieldguide.lab.cli import example_parser, main_guard, non_negative_int, positive_int
+from fieldguide.lab.corpus import ANIMAL_HOMES, PLACES, today_fact, today_question
 from fieldguide.lab.data import encode_completion
 from fieldguide.lab.loading import parse_and_load
-from fieldguide.lab.metrics import sequence_logprobs
+from fieldguide.lab.metrics import place_answers, sequence_logprobs
 from fieldguide.lab.tasks import (
     SENTIMENT_LABELS,
     ClassificationExample,
@@ -94,6 +95,37 @@ def retrieve(documents: list[str], query: str, k: int = 1) -> list[str]:
     query_words = words(query)
     ranked = sorted(documents, key=lambda doc: len(words(doc) & query_words), reverse=True)
     return ranked[:k]  # sorted() is stable: among equal scores, the earlier document wins
+
+
+def note_store(rng: random.Random) -> dict[str, str]:
+    """One day's notes: where each animal is today, never its home. Returns animal -> note."""
+    return {
+        animal: today_fact(animal, rng.choice([p for p in PLACES if p != home]))
+        for animal, home in ANIMAL_HOMES.items()
+    }
+
+
+def retrieval_outcomes(
+    model, tokenizer, num_days: int = 20, seed: int = 0, k: int = 1
+) -> tuple[list[int], list[int]]:
+    """Where is each animal today? Answered without notes, then with the ``k`` notes retrieved.
+
+    Each day puts every animal somewhere new and asks about each: ``num_days`` times ten
+    questions. Returns per-question outcomes (1 right, 0 wrong), without and with retrieval.
+    """
+    rng = random.Random(seed)
+    questions, with_note, answers = [], [], []
+    for _ in range(num_days):
+        notes = note_store(rng)
+        for animal, note in notes.items():
+            question = today_question(animal)
+            questions.append(question)
+            found = retrieve(list(notes.values()), question, k)  # the asked animal's note first
+            with_note.append(" ".join([*found, question]))
+            answers.append(note.rsplit(" ", 1)[1].rstrip("."))  # the note's place
+    without = [int(a == b) for a, b in zip(place_answers(model, tokenizer, questions), answers, strict=True)]
+    helped = [int(a == b) for a, b in zip(place_answers(model, tokenizer, with_note), answers, strict=True)]
+    return without, helped
 
 
 # The decision diagram on the page: each question, and what a "yes" to it points to.

@@ -55,6 +55,7 @@ def _save_run(run: Run, directory: Path) -> None:
 def _load_run(directory: Path) -> Run:
     numbers = json.loads((directory / "run.json").read_text())
     model_class = numbers.pop("model_class", None)
+    numbers["outcomes"] = tuple(numbers["outcomes"])  # JSON keeps a tuple as a list
     run = Run(**{**numbers, **{k: Score(**numbers[k]) for k in ("before", "after", "gain")}})
     if model_class is not None:  # back on the CPU, where every cached run was computed
         run.model, run.tokenizer = load_model(

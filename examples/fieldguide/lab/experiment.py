@@ -137,6 +137,7 @@ class Run:
     measures: dict = field(default_factory=dict)  # name -> [before, after]
     logs: dict = field(default_factory=dict)  # name -> the loss function's number, per micro-batch
     peak_memory_bytes: int | None = None  # the most GPU memory allocated while training; None on CPU
+    outcomes: tuple[list, list] = field(default=([], []), repr=False)  # per item, before and after
     model: PreTrainedModel | None = field(default=None, repr=False, compare=False)  # kept if asked
     tokenizer: object = field(default=None, repr=False, compare=False)
 
@@ -229,6 +230,7 @@ def make_run(
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_parameters=sum(p.numel() for p in model.parameters()),
         measures=measures or {},
+        outcomes=(list(before), list(after)),  # what compares two runs item by item
     )
 
 

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from fieldguide.lab.chat import chat_prompt_ids, encode_chat, response_prefix, stop_token_ids
-from fieldguide.lab.corpus import HELDOUT_TEXT_SEED, make_corpus
+from fieldguide.lab.corpus import HELDOUT_TEXT_SEED, PLACES, make_corpus
 from fieldguide.lab.data import IGNORE_INDEX, encode_completion, pack_texts, pad_batch
 from fieldguide.lab.tasks import (
     SENTIMENT_LABELS,
     ClassificationExample,
+    ContextExample,
     InstructionExample,
     PreferenceExample,
     label_word,
@@ -40,6 +41,7 @@ def sequence_logprobs(model, examples: list[dict], batch_size: int = 64) -> torc
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :]  # drop a soft prompt's positions, if any
         targets = batch["labels"][:, 1:]  # position t scores token t+1
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
         mask = targets != IGNORE_INDEX
@@ -68,6 +70,33 @@ def sentiment_outcomes(model, tokenizer, examples: list[ClassificationExample]) 
 def sentiment_accuracy(model, tokenizer, examples: list[ClassificationExample]) -> float:
     """Fraction of reviews whose zero-shot label is right; chance is 0.5."""
     return _mean(sentiment_outcomes(model, tokenizer, examples))
+
+
+def per_class_recall(model, tokenizer, examples: list[ClassificationExample]) -> dict[str, float]:
+    """For each label, the fraction of its reviews labelled right: a model that answers one
+    word to everything scores 1.0 on that class and 0.0 on the other."""
+    predicted = classify_sentiment(model, tokenizer, [ex.text for ex in examples])
+    recall = {}
+    for label, name in enumerate(SENTIMENT_LABELS):
+        of_class = [p for p, ex in zip(predicted, examples, strict=True) if ex.label == label]
+        recall[name] = _mean([int(p == label) for p in of_class])
+    return recall
+
+
+def place_answers(model, tokenizer, prompts: list[str]) -> list[str]:
+    """The place the model finds most likely after each prompt, of the corpus's ten."""
+    examples = [encode_completion(tokenizer, prompt, " " + place) for prompt in prompts for place in PLACES]
+    scores = sequence_logprobs(model, examples).view(len(prompts), len(PLACES))
+    return [PLACES[i] for i in scores.argmax(dim=-1).tolist()]
+
+
+def context_outcomes(
+    model, tokenizer, examples: list[ContextExample], with_passage: bool = True
+) -> list[int]:
+    """1 for each question answered with the place the passage gives, asked with or without it."""
+    prompts = [f"{ex.passage} {ex.question}" if with_passage else ex.question for ex in examples]
+    answers = place_answers(model, tokenizer, prompts)
+    return [int(answer == ex.answer) for answer, ex in zip(answers, examples, strict=True)]
 
 
 def preference_outcomes(model, tokenizer, examples: list[PreferenceExample]) -> list[int]:

@@ -60,6 +60,9 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     """
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    # A soft prompt (prompt tuning, prefix methods) puts positions before the input; they
+    # predict no input token, so only the last T positions are kept.
+    logits = logits[:, -batch["input_ids"].shape[1] :]
     # Position t predicts token t+1: drop the last prediction and the first label.
     predictions = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
     targets = batch["labels"][:, 1:].flatten()  # (B*(T-1),)

@@ -1,18 +1,20 @@
-"""Knowledge distillation: a small student learns from a fine-tuned teacher.
+"""Knowledge distillation: a small student learns from a fine-tuned teacher, with controls.
 
-The teacher is a model fine-tuned on the sentiment task; the student, a one-layer model
-under a fifth of the tiny model's size, starts from random weights and has only a handful of
-labelled reviews. Three students start from the same weights and train for the same steps:
-on the labels alone; on the teacher's answers for unlabelled reviews (sequence-level
-distillation); and on the teacher's softened distributions (logit distillation).
+The teacher is the tiny model fine-tuned on one part of the sentiment task's training
+reviews; the rest, which the teacher never saw, is the transfer set. Three students of one
+shape start from the same random weights and learn on the transfer set: from its gold labels
+(the oracle), from the teacher's answers (hard labels) and from the teacher's distributions
+(soft targets). They are compared twice: on the sentiment task, where every review has one
+right label, and on a graded variant, where readers disagree about reviews with "but".
 
-Run it from the command line to see the four held-out accuracies::
+Run it from the command line to see the held-out accuracies::
 
-    python -m fieldguide.whole_model.distillation --labelled 8
+    python -m fieldguide.whole_model.distillation --task graded
 """
 
 import copy
 import math
+import random
 import time
 from dataclasses import dataclass, field, replace
 
@@ -41,30 +43,40 @@ from fieldguide.lab.experiment import (
     run_technique,
 )
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
-from fieldguide.lab.metrics import classify_sentiment, sentiment_outcomes
+from fieldguide.lab.metrics import classify_sentiment, sentiment_outcomes, sequence_logprobs
 from fieldguide.lab.pretrain import PretrainConfig, build_model
-from fieldguide.lab.tasks import label_word, sentiment_prompt, sentiment_task
+from fieldguide.lab.tasks import (
+    ClassificationExample,
+    Split,
+    label_word,
+    sentiment_key,
+    sentiment_prompt,
+    sentiment_task,
+    split_by_key,
+)
 from fieldguide.lab.training import LossFn, TrainConfig, causal_lm_loss
 
 # The teacher's fine-tune, which the training flags set: on a real model, a fine-tuning rate
 # (Llama 2's) with bf16 and checkpointing. The students are new one-layer models: their
 # settings (in DistillConfig) are the same whatever the teacher.
 TEACHER_PRESETS = Presets(
-    tiny=TrainConfig(max_steps=60, batch_size=16, learning_rate=3e-3),
+    tiny=TrainConfig(max_steps=600, batch_size=16, learning_rate=1e-3),
     real=real_model_training(max_steps=60),
 )
+TASKS = ("sentiment", "graded")  # one right label per review; readers who disagree on "but"
+STUDENTS = ("oracle", "hard labels", "soft targets")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    temperature: float = 2.0  # tau: divides both models' logits, softening the distributions
-    alpha: float = 0.5  # weight of the soft-label term; 1 - alpha weights the hard-label term
-    num_labelled: int = 8  # reviews with a human label: all that the labels-only student gets
-    num_unlabelled: int = 256  # further reviews without a label, for the teacher to label
-    teacher: TrainConfig = TEACHER_PRESETS.tiny  # fine-tuning of the teacher on every labelled review
+    temperature: float = 1.0  # tau: divides both models' logits, softening the distributions
+    alpha: float = 1.0  # weight of the soft-target term; 1 - alpha weights the teacher's hard label
+    teacher_share: float = 0.5  # of the training reviews' word sets, the teacher's; the rest transfer
+    mixed_agreement: float = 0.7  # graded task: readers who give a "but" review the rule's label
+    teacher: TrainConfig = TEACHER_PRESETS.tiny  # fine-tuning of the teacher on its part
     student: TrainConfig = field(  # training of each student: the same for all three; its seed
-        # picks the labelled reviews and the students' initial weights
-        default_factory=lambda: TrainConfig(max_steps=60, batch_size=16, learning_rate=3e-3)
+        # also picks the teacher's part, the graded labels and the students' initial weights
+        default_factory=lambda: TrainConfig(max_steps=800, batch_size=16, learning_rate=3e-3)
     )
 
 
@@ -136,64 +148,112 @@ def build_student(teacher: torch.nn.Module, tokenizer, seed: int = 0) -> torch.n
     return student.to(teacher.device)
 
 
-def pick_reviews(num_labelled: int, num_unlabelled: int, seed: int = 0) -> tuple[list, list]:
-    """Draw the labelled reviews and the unlabelled ones from the task's training split."""
-    train_split = sentiment_task().train
-    if num_labelled + num_unlabelled > len(train_split):
-        raise ValueError(f"the task has {len(train_split)} training reviews; asked for more than that")
-    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed)).tolist()
-    reviews = [train_split[i] for i in order[: num_labelled + num_unlabelled]]
-    return reviews[:num_labelled], reviews[num_labelled:]
+def readers_share(text: str, mixed_agreement: float) -> float:
+    """The share of readers who give a review its rule's label: all of them, unless it has "but"."""
+    return mixed_agreement if " but " in text else 1.0
 
 
-def compare_students(model, tokenizer, config: DistillConfig, keep_students: bool = False) -> dict[str, Run]:
-    """Fine-tune a copy of ``model`` as the teacher; train three students; score all four.
+def graded_task(mixed_agreement: float, seed: int = 0) -> Split[ClassificationExample]:
+    """The sentiment task with each training review labelled by one reader, who may disagree.
 
-    Each run keeps its model when ``keep_students`` is set (the command line's ``--output``).
+    A review with "but" gets its rule's label from a share ``mixed_agreement`` of readers and
+    the other label from the rest; every other review gets its rule's label from all. The
+    held-out reviews keep the rule's label, the one most readers give.
     """
-    task = sentiment_task()
-    heldout_score = lambda model, tokenizer: sentiment_outcomes(model, tokenizer, task.heldout)
-    everything = [encode_review(tokenizer, ex.text, ex.label) for ex in task.train]
+    rng = random.Random(seed)
+    task = sentiment_task(seed)
+    readers = [
+        replace(
+            ex, label=ex.label if rng.random() < readers_share(ex.text, mixed_agreement) else 1 - ex.label
+        )
+        for ex in task.train
+    ]
+    return Split(readers, task.heldout)
+
+
+def teacher_and_transfer(train: list, teacher_share: float, seed: int = 0) -> Split:
+    """The teacher's part of the training reviews (``train``) and the transfer set (``heldout``).
+
+    Split by word set, so no transfer review is a reordering of one the teacher learned.
+    """
+    parts = split_by_key(train, sentiment_key, 1 - teacher_share, seed)
+    return Split(train=parts.train, heldout=parts.heldout)
+
+
+def label_probabilities(model, tokenizer, examples: list[ClassificationExample]) -> list[float]:
+    """The probability the model gives each review's label, of the two label words."""
+    encoded = [
+        encode_completion(tokenizer, sentiment_prompt(ex.text), label_word(y))
+        for ex in examples
+        for y in (0, 1)
+    ]
+    logprobs = sequence_logprobs(model, encoded).view(len(examples), 2)  # (N, 2): " bad", " good"
+    probs = torch.softmax(logprobs, dim=-1)
+    return [probs[i, ex.label].item() for i, ex in enumerate(examples)]
+
+
+def readers_cross_entropy(model, tokenizer, examples: list, mixed_agreement: float) -> list[float]:
+    """Per review, -E[log p(a reader's label)]: the loss of predicting one reader's answer.
+
+    It is lowest, at the readers' own entropy, for a model whose probabilities are the shares.
+    """
+    out = []
+    for ex, q in zip(examples, label_probabilities(model, tokenizer, examples), strict=True):
+        share, q = readers_share(ex.text, mixed_agreement), min(max(q, 1e-6), 1 - 1e-6)
+        out.append(-(share * math.log(q) + (1 - share) * math.log(1 - q)))
+    return out
+
+
+def compare_students(
+    model, tokenizer, config: DistillConfig, task: str = "sentiment", keep_models: bool = False
+) -> dict[str, Run]:
+    """Fine-tune a copy of ``model`` as the teacher on its part; train three students on the rest.
+
+    Every run is scored on the held-out reviews, which none of the four has seen; each keeps
+    its model when ``keep_models`` is set.
+    """
+    seed = config.student.seed
+    reviews = sentiment_task(seed) if task == "sentiment" else graded_task(config.mixed_agreement, seed)
+    parts = teacher_and_transfer(reviews.train, config.teacher_share, seed)
+    heldout_score = lambda model, tokenizer: sentiment_outcomes(model, tokenizer, reviews.heldout)
     as_teacher = Technique(
         prepare=lambda model, tokenizer: copy.deepcopy(model),  # the caller's model stays as it was
-        data=lambda tokenizer: everything,
+        data=lambda tokenizer: [encode_review(tokenizer, ex.text, ex.label) for ex in parts.train],
         score=heldout_score,
     )
     runs = {"teacher": run_technique(as_teacher, model, tokenizer, config.teacher, keep_model=True)}
     teacher = freeze(runs["teacher"].model)  # the fixed model every student learns from
-    # The transfer set: the labelled reviews with their labels, the others with the teacher's.
-    seed = config.student.seed
-    labelled, unlabelled = pick_reviews(config.num_labelled, config.num_unlabelled, seed)
-    answers = classify_sentiment(teacher, tokenizer, [ex.text for ex in unlabelled])
-    gold = [encode_review(tokenizer, ex.text, ex.label) for ex in labelled]
-    transfer = gold + [
-        encode_review(tokenizer, ex.text, y) for ex, y in zip(unlabelled, answers, strict=True)
-    ]
-    students = {  # the few labels are repeated to fill whole batches, so every run sees as many
-        "labels only": (gold * math.ceil(config.student.batch_size / len(gold)), causal_lm_loss),
-        "sequence-level": (transfer, causal_lm_loss),
-        "logit": (transfer, distillation_loss_fn(teacher, config.temperature, config.alpha)),
+    transfer = parts.heldout
+    answers = classify_sentiment(teacher, tokenizer, [ex.text for ex in transfer])  # its hard labels
+    students = {  # name: (labels the student's data carries, its loss)
+        "oracle": ([ex.label for ex in transfer], causal_lm_loss),
+        "hard labels": (answers, causal_lm_loss),
+        # The teacher's answer is the hard-label term's target; with alpha = 1 it has no weight.
+        "soft targets": (answers, distillation_loss_fn(teacher, config.temperature, config.alpha)),
     }
-    for name, (data, loss_fn) in students.items():
+    for name, (labels, loss_fn) in students.items():
+        data = [encode_review(tokenizer, ex.text, y) for ex, y in zip(transfer, labels, strict=True)]
         as_student = Technique(
             prepare=lambda model, tokenizer: build_student(model, tokenizer, seed),  # same weights every time
             data=lambda tokenizer, data=data: data,
             loss=loss_fn,
             score=heldout_score,
         )
-        runs[name] = run_technique(as_student, teacher, tokenizer, config.student, keep_model=keep_students)
+        runs[name] = run_technique(as_student, teacher, tokenizer, config.student, keep_model=keep_models)
+    if not keep_models:
+        runs["teacher"].model = runs["teacher"].tokenizer = None
     return runs
 
 
 @cached
-def run_experiment(seed: int = 0) -> dict[str, Run]:
+def run_experiment(task: str = "sentiment", seed: int = 0) -> dict[str, Run]:
     """The page's experiment on the tiny model, kept on disk so doctests and figure share it."""
     model, tokenizer = load_model("tiny")
     config = DistillConfig()
     config = replace(
         config, teacher=replace(config.teacher, seed=seed), student=replace(config.student, seed=seed)
     )
-    return compare_students(model, tokenizer, config)
+    return compare_students(model, tokenizer, config, task, keep_models=True)
 
 
 @torch.no_grad()
@@ -216,48 +276,44 @@ def speedup(
 
 
 def loss_figure(ax) -> None:
-    """The training loss of each student, from the page's own runs."""
-    runs = run_experiment()
-    students = {
-        f"{name} (held-out accuracy {runs[name].after.value:.2f})": runs[name]
-        for name in ("labels only", "sequence-level", "logit")
-    }
-    plot_losses(ax, students, "Three students, same weights and steps")
+    """The training loss of each student on the graded task, from the page's own runs."""
+    runs = run_experiment("graded")
+    students = {f"{name} (held-out accuracy {runs[name].after.value:.2f})": runs[name] for name in STUDENTS}
+    plot_losses(ax, students, "Three students on the graded task, same weights and steps")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = example_parser("Distil a fine-tuned teacher into a small student; compare with labels alone.")
-    parser.add_argument("--labelled", type=positive_int, default=8, help="labelled reviews (default: 8)")
-    parser.add_argument(
-        "--unlabelled",
-        type=positive_int,
-        default=256,
-        help="unlabelled reviews the teacher labels (default: 256)",
-    )
+    parser = example_parser("Distil a fine-tuned teacher into a small student, beside a gold-label oracle.")
+    parser.add_argument("--task", choices=TASKS, default="sentiment", help="the task (default: sentiment)")
     parser.add_argument(
         "--temperature",
         type=positive_float,
-        default=2.0,
-        help="tau, which softens both models' logits (default: 2)",
+        default=1.0,
+        help="tau, which softens both models' logits (default: 1)",
     )
     parser.add_argument(
-        "--alpha", type=unit_interval, default=0.5, help="weight of the soft-label term (default: 0.5)"
+        "--alpha", type=unit_interval, default=1.0, help="weight of the soft-target term (default: 1)"
+    )
+    student = DistillConfig().student
+    parser.add_argument(
+        "--student-steps",
+        type=positive_int,
+        default=student.max_steps,
+        help=f"optimizer steps of each student (default: {student.max_steps})",
     )
     add_training_arguments(parser, TEACHER_PRESETS)  # the teacher's fine-tune
-    add_output_argument(parser, what="the logit-distilled student")
+    add_output_argument(parser, what="the soft-target student")
     args, model, tokenizer = parse_and_load(parser, argv)
     config = DistillConfig(
         temperature=args.temperature,
         alpha=args.alpha,
-        num_labelled=args.labelled,
-        num_unlabelled=args.unlabelled,
         teacher=training_config(args, TEACHER_PRESETS),
-        student=replace(DistillConfig().student, seed=args.seed),
+        student=replace(student, max_steps=args.student_steps, seed=args.seed),
     )
-    runs = compare_students(model, tokenizer, config, keep_students=args.output is not None)
+    runs = compare_students(model, tokenizer, config, args.task, keep_models=args.output is not None)
     for name, run in runs.items():
-        print(f"{name:>15}: held-out accuracy {run.after}")
-    save_if_asked(args.output, runs["logit"].model, tokenizer)  # the student that learned from logits
+        print(f"{name:>13}: held-out accuracy {run.after}")
+    save_if_asked(args.output, runs["soft targets"].model, tokenizer)
 
 
 if __name__ == "__main__":

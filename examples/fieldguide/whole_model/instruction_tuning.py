@@ -151,7 +151,7 @@ def check_chat_template(tokenizer) -> None:
     if not any(mask):
         raise ValueError(
             "the chat template marks no assistant tokens with {% generation %} ... {% endgeneration %}, "
-            "so TRL's assistant_only_loss would train on nothing: wrap each assistant message and the "
+            "so an assistant-only loss would keep no label at all: wrap each assistant message and the "
             "token that closes it in those markers"
         )
     start = len(chat_prompt_ids(tokenizer, "hi"))  # where the assistant's answer begins
