@@ -142,3 +142,26 @@ def test_sphinxs_doctest_builder_uses_the_checker(tmp_path, monkeypatch, inline,
     app = Sphinx(tmp_path, tmp_path, out, doctrees, "doctest", status=StringIO(), warning=StringIO())
     app.build()
     assert app.statuscode == status, (out / "output.txt").read_text()
+
+
+# -- TIMING: a clock's numbers, within a factor of three ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("want", "got", "passes"),
+    [
+        ("0.020 s per step, 51000 tokens per second", "0.031 s per step, 30000 tokens per second", True),
+        ("0.020 s per step", "0.0067 s per step", True),  # a third of it is still within
+        ("0.020 s per step", "0.061 s per step", False),  # over three times
+        ("0.020 s per step", "0.0060 s per step", False),  # under a third
+        ("51000 tokens per second", "0 tokens per second", False),  # a clock never reads zero
+        ("0.020 s per step", "0.020 s per stop", False),  # the words still match exactly
+        ("0.020 s, 0.030 s", "0.020 s", False),  # as many numbers, or compared exactly
+    ],
+)
+def test_timing_matches_within_a_factor_of_three(want, got, passes):
+    from numeric_doctest import TIMING
+
+    checker = NumericOutputChecker()
+    assert checker.check_output(want + "\n", got + "\n", FLAGS | TIMING) is passes
+    assert not checker.check_output(want + "\n", got + "\n", FLAGS) or want == got

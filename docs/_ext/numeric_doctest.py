@@ -13,6 +13,12 @@ written for the site, with exact decimal arithmetic instead of floats.
 
 The numbers of the expected output and of the actual output are paired in order, so they
 must be as many: where an ellipsis hides some of them, the line is compared exactly.
+
+A second flag, ``TIMING``, is for what a clock measures: seconds per step, tokens per second.
+Those change with the machine and with what else it runs, by far more than a last digit, so
+each number (integer or decimal) matches any positive number within a factor of
+``TIMING_FACTOR`` of it. A page that uses it says so; it shows the size of a cost and the
+ratio between two, not their digits.
 """
 
 import doctest
@@ -22,6 +28,8 @@ from decimal import Decimal
 import sphinx.ext.doctest
 
 NUMBER = doctest.register_optionflag("NUMBER")
+TIMING = doctest.register_optionflag("TIMING")
+TIMING_FACTOR = 3  # a timed number matches anything from a third of it to three times it
 
 # A decimal as Python prints one: digits with a point and at least one digit after it, or an
 # exponent, or both. It must stand alone: the 13 of a version (2.13.0), of a name (x1.5) or
@@ -59,12 +67,34 @@ def within_printed_precision(want: str, got: str) -> str:
     return "".join([*pieces, got[end:]])
 
 
+# Any number standing alone, integer or decimal: what a timed line prints.
+ANY_NUMBER = re.compile(r"(?<![\w.])[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?!\.?\d)")
+
+
+def within_timing_factor(want: str, got: str) -> str:
+    """``got``, with each number that is within ``TIMING_FACTOR`` of ``want``'s written as in ``want``."""
+    wanted, found = list(ANY_NUMBER.finditer(want)), list(ANY_NUMBER.finditer(got))
+    if len(wanted) != len(found):
+        return got
+    pieces, end = [], 0
+    for w, g in zip(wanted, found, strict=True):
+        expected, measured = Decimal(w[0]), Decimal(g[0])
+        close = (
+            expected > 0 and measured > 0 and expected / TIMING_FACTOR <= measured <= expected * TIMING_FACTOR
+        )
+        pieces += [got[end : g.start()], w[0] if close else g[0]]
+        end = g.end()
+    return "".join([*pieces, got[end:]])
+
+
 class NumericOutputChecker(doctest.OutputChecker):
     """doctest's checker, which with ``+NUMBER`` compares decimals to their last printed digit."""
 
     def check_output(self, want: str, got: str, optionflags: int) -> bool:
         if optionflags & NUMBER:
             got = within_printed_precision(want, got)
+        if optionflags & TIMING:
+            got = within_timing_factor(want, got)
         return super().check_output(want, got, optionflags)
 
 
