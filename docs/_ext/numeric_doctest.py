@@ -51,20 +51,25 @@ def last_digit(number: str) -> Decimal:
     return Decimal(1).scaleb(Decimal(number).as_tuple().exponent)
 
 
-def within_printed_precision(want: str, got: str) -> str:
-    """``got``, with each of its decimals that is within ``want``'s tolerance written as in ``want``.
+def _rewrite_close(want: str, got: str, pattern: re.Pattern, close) -> str:
+    """``got``, with each number ``pattern`` finds written as ``want``'s where ``close(want, got)``.
 
     What is left to compare is then the text around the numbers, and the numbers too far off.
+    Numbers pair in order, so a different count leaves ``got`` as it is.
     """
-    wanted, found = list(DECIMAL.finditer(want)), list(DECIMAL.finditer(got))
+    wanted, found = list(pattern.finditer(want)), list(pattern.finditer(got))
     if len(wanted) != len(found):
         return got
     pieces, end = [], 0
     for w, g in zip(wanted, found, strict=True):
-        close = abs(Decimal(g[0]) - Decimal(w[0])) <= last_digit(w[0])
-        pieces += [got[end : g.start()], w[0] if close else g[0]]
+        pieces += [got[end : g.start()], w[0] if close(Decimal(w[0]), Decimal(g[0]), w[0]) else g[0]]
         end = g.end()
     return "".join([*pieces, got[end:]])
+
+
+def within_printed_precision(want: str, got: str) -> str:
+    """``got``, with each decimal within one unit of ``want``'s last digit written as in ``want``."""
+    return _rewrite_close(want, got, DECIMAL, lambda w, g, text: abs(g - w) <= last_digit(text))
 
 
 # Any number standing alone, integer or decimal: what a timed line prints.
@@ -72,19 +77,10 @@ ANY_NUMBER = re.compile(r"(?<![\w.])[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?!
 
 
 def within_timing_factor(want: str, got: str) -> str:
-    """``got``, with each number that is within ``TIMING_FACTOR`` of ``want``'s written as in ``want``."""
-    wanted, found = list(ANY_NUMBER.finditer(want)), list(ANY_NUMBER.finditer(got))
-    if len(wanted) != len(found):
-        return got
-    pieces, end = [], 0
-    for w, g in zip(wanted, found, strict=True):
-        expected, measured = Decimal(w[0]), Decimal(g[0])
-        close = (
-            expected > 0 and measured > 0 and expected / TIMING_FACTOR <= measured <= expected * TIMING_FACTOR
-        )
-        pieces += [got[end : g.start()], w[0] if close else g[0]]
-        end = g.end()
-    return "".join([*pieces, got[end:]])
+    """``got``, with each number within ``TIMING_FACTOR`` of ``want``'s written as in ``want``."""
+    return _rewrite_close(
+        want, got, ANY_NUMBER, lambda w, g, _: w > 0 and g > 0 and w / TIMING_FACTOR <= g <= w * TIMING_FACTOR
+    )
 
 
 class NumericOutputChecker(doctest.OutputChecker):

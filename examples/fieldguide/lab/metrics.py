@@ -99,6 +99,11 @@ def context_outcomes(
     return [int(answer == ex.answer) for answer, ex in zip(answers, examples, strict=True)]
 
 
+def context_accuracy(model, tokenizer, examples: list[ContextExample]) -> float:
+    """Fraction of questions answered with the passage's place, the passage in the prompt."""
+    return _mean(context_outcomes(model, tokenizer, examples))
+
+
 def preference_outcomes(model, tokenizer, examples: list[PreferenceExample]) -> list[int]:
     """1 for each pair whose chosen response the model finds more likely than the rejected one."""
     prefix = response_prefix(tokenizer)

@@ -16,7 +16,7 @@ from fieldguide.lab.data import encode_completion
 from fieldguide.lab.experiment import Run, Technique, run_technique, train_every_weight
 from fieldguide.lab.loading import load_model, parse_and_load
 from fieldguide.lab.metrics import (
-    context_outcomes,
+    context_accuracy,
     exact_match,
     heldout_perplexity,
     preference_accuracy,
@@ -44,10 +44,6 @@ class Scores:
     context_accuracy: float  # where an animal is today, with the passage that says; near 0 without
 
 
-def _mean(outcomes: list[int]) -> float:
-    return sum(outcomes) / len(outcomes)
-
-
 def evaluate(model, tokenizer) -> Scores:
     """All five numbers, each on its held-out split."""
     return Scores(
@@ -55,7 +51,7 @@ def evaluate(model, tokenizer) -> Scores:
         instruction_exact_match=exact_match(model, tokenizer, instruction_task().heldout),
         preference_accuracy=preference_accuracy(model, tokenizer, preference_task().heldout),
         heldout_perplexity=heldout_perplexity(model, tokenizer),
-        context_accuracy=_mean(context_outcomes(model, tokenizer, context_task())),
+        context_accuracy=context_accuracy(model, tokenizer, context_task()),
     )
 
 
