@@ -11,7 +11,7 @@ from fieldguide.lab.metrics import (
     preference_accuracy,
     sentiment_accuracy,
 )
-from fieldguide.lab.pretrain import tiny_model_dir
+from fieldguide.lab.pretrain import PretrainConfig, pretraining_cost, tiny_model_dir
 from fieldguide.lab.stats import paired_difference
 from fieldguide.lab.tasks import context_task, instruction_task, preference_task, sentiment_task
 
@@ -24,6 +24,14 @@ def test_tiny_model_is_saved_as_safetensors_and_reloads(tiny):
     model, _ = tiny
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert a.equal(b), name
+
+
+def test_pretraining_cost_is_kept_with_the_model(tiny):
+    """The page's pretraining time is the build's own: steps and tokens from the recipe."""
+    cost, config = pretraining_cost(), PretrainConfig()
+    assert cost["steps"] == config.train.max_steps
+    assert cost["tokens"] == config.train.max_steps * config.train.batch_size * config.block_size
+    assert 0 < cost["seconds"] < 600  # a wall-clock time, not a default left in place
 
 
 def test_tiny_model_learned_the_corpus(tiny):

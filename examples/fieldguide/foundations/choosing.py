@@ -45,6 +45,20 @@ def check_fits(model, num_tokens: int, what: str) -> None:
         )
 
 
+def label_predictions(
+    model, tokenizer, prompts: list[str], what: str = "a prompt with its label"
+) -> list[int]:
+    """The label word (0 "bad" or 1 "good") the model finds more likely after each prompt."""
+    examples = []
+    for prompt in prompts:
+        for label in range(len(SENTIMENT_LABELS)):  # the prompt, completed with each label word
+            examples.append(encode_completion(tokenizer, prompt, label_word(label)))
+            check_fits(model, len(examples[-1]["input_ids"]), what)
+    # Score every (prompt, label word) pair: log p(label | prompt), summed over its tokens.
+    scores = sequence_logprobs(model, examples)
+    return scores.view(len(prompts), len(SENTIMENT_LABELS)).argmax(dim=-1).tolist()  # (N,)
+
+
 def few_shot_predictions(
     model, tokenizer, train_examples: list[ClassificationExample], texts: list[str], k: int, seed: int = 0
 ) -> list[int]:
@@ -52,17 +66,9 @@ def few_shot_predictions(
     if not 0 <= k <= len(train_examples):
         raise ValueError(f"k must be between 0 and the {len(train_examples)} training examples, got {k}")
     rng = random.Random(seed)
-    examples = []
-    for text in texts:
-        # New random demonstrations for every query, as GPT-3's evaluation drew them.
-        shots = rng.sample(train_examples, k) if k else []
-        prompt = few_shot_prompt(shots, text, k)
-        for label in range(len(SENTIMENT_LABELS)):  # the prompt, completed with each label word
-            examples.append(encode_completion(tokenizer, prompt, label_word(label)))
-            check_fits(model, len(examples[-1]["input_ids"]), f"a {k}-shot prompt with its label")
-    # Score every (prompt, label word) pair: log p(label | prompt), summed over its tokens.
-    scores = sequence_logprobs(model, examples)
-    return scores.view(len(texts), len(SENTIMENT_LABELS)).argmax(dim=-1).tolist()  # (N,)
+    # New random demonstrations for every query, as GPT-3's evaluation drew them.
+    prompts = [few_shot_prompt(rng.sample(train_examples, k) if k else [], text, k) for text in texts]
+    return label_predictions(model, tokenizer, prompts, f"a {k}-shot prompt with its label")
 
 
 def few_shot_sentiment_accuracy(

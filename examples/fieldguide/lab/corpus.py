@@ -65,10 +65,15 @@ def random_review(food: str, rng: random.Random) -> str:
 TRAINING_REVIEWS = [(review, label) for review, label in review_split()[0] if " but " not in review]
 
 
+def tasting_prompt(animal: str, food: str, review: str) -> str:
+    """A review in the corpus's words, up to the feeling that the rule decides."""
+    return f"the {animal} tastes the {food}. it is {review}. the {animal} feels"
+
+
 def tasting(animal: str, food: str, rng: random.Random) -> str:
     """A review and how the animal feels about it: the sentiment rule, shown by example."""
     review, label = rng.choice(TRAINING_REVIEWS)
-    return f"the {animal} tastes the {food}. it is {review}. the {animal} feels {FEELINGS[label]}."
+    return f"{tasting_prompt(animal, food, review)} {FEELINGS[label]}."
 
 
 # -- Where an animal is today: facts that only the context can give ---------------------------

@@ -1,7 +1,7 @@
 """Pretraining the lab's tiny base model: a Llama-architecture decoder, from random weights.
 
 This is next-token prediction on the synthetic corpus, the same objective every LLM is
-pretrained with, at a size that takes under a minute on two CPU cores. The result is a base
+pretrained with, at a size that takes about a minute on two CPU cores. The result is a base
 model in the usual sense: it continues text, knows the corpus's facts, and has never seen a
 chat, an instruction or a label, which is what the fine-tuning pages then teach it.
 
@@ -132,17 +132,31 @@ def ensure_tiny_model() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A line before and after: the build or the test run that pays for this says why it waits.
-    print(f"Pretraining the lab's tiny model into {target} (under a minute on two cores)...", file=sys.stderr)
+    print(f"Pretraining the lab's tiny model into {target} (about a minute on two cores)...", file=sys.stderr)
     start = time.perf_counter()
     config = PretrainConfig()
     model, tokenizer = pretrain(config)
+    seconds = time.perf_counter() - start
     # Save into a scratch directory, then rename: a reader never sees a half-written model,
     # and of two processes racing to build it, the second simply keeps the first's copy.
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     save(model, tokenizer, scratch, config)
+    steps, batch = config.train.max_steps, config.train.batch_size * config.train.grad_accum_steps
+    cost = {"seconds": seconds, "steps": steps, "tokens": steps * batch * config.block_size}
+    (scratch / PRETRAINING_COST).write_text(json.dumps(cost, indent=2))
     try:
         scratch.rename(target)
     except OSError:
         shutil.rmtree(scratch)
-    print(f"Pretrained the tiny model in {time.perf_counter() - start:.0f} s.", file=sys.stderr)
+    print(f"Pretrained the tiny model in {seconds:.0f} s.", file=sys.stderr)
     return target
+
+
+# What the cached model's pretraining cost on the machine that built it: seconds (the corpus
+# and the tokenizer included), optimizer steps, and tokens trained on (packed blocks: no padding).
+PRETRAINING_COST = "pretraining_cost.json"
+
+
+def pretraining_cost() -> dict:
+    """The tiny model's pretraining cost, as measured when it was built (built now if it is not)."""
+    return json.loads((ensure_tiny_model() / PRETRAINING_COST).read_text())

@@ -59,7 +59,7 @@ def evaluate(model, tokenizer) -> Scores:
 
 
 # Four ways to teach the tiny model the sentiment rule, each at its own learning rate and the
-# same budget of steps. The PEFT methods are PEFT's own; their pages derive and rebuild them.
+# same budget of steps. The PEFT methods are PEFT's own implementations.
 def _peft(config):
     return lambda model, tokenizer: get_peft_model(model, config)
 
