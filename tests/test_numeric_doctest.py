@@ -157,6 +157,12 @@ def test_sphinxs_doctest_builder_uses_the_checker(tmp_path, monkeypatch, inline,
         ("51000 tokens per second", "0 tokens per second", False),  # a clock never reads zero
         ("0.020 s per step", "0.020 s per stop", False),  # the words still match exactly
         ("0.020 s, 0.030 s", "0.020 s", False),  # as many numbers, or compared exactly
+        ("13,793 tokens per second", "14,050 tokens per second", True),  # one number, not 13 and 793
+        ("13,793 tokens per second", "5,300 tokens per second", True),
+        ("13,793 tokens per second", "4,500 tokens per second", False),  # under a third
+        ("13,793 tokens per second", "9,990 tokens per second", True),
+        ("1,700,416 bytes", "5,200,000 bytes", False),
+        ("18.0 ms, 21,152 tokens", "25.1 ms, 15,002 tokens", True),
     ],
 )
 def test_timing_matches_within_a_factor_of_three(want, got, passes):

@@ -51,6 +51,11 @@ def last_digit(number: str) -> Decimal:
     return Decimal(1).scaleb(Decimal(number).as_tuple().exponent)
 
 
+def _decimal(text: str) -> Decimal:
+    """A number as printed, thousands separators and all, as a ``Decimal``."""
+    return Decimal(text.replace(",", ""))
+
+
 def _rewrite_close(want: str, got: str, pattern: re.Pattern, close) -> str:
     """``got``, with each number ``pattern`` finds written as ``want``'s where ``close(want, got)``.
 
@@ -62,7 +67,7 @@ def _rewrite_close(want: str, got: str, pattern: re.Pattern, close) -> str:
         return got
     pieces, end = [], 0
     for w, g in zip(wanted, found, strict=True):
-        pieces += [got[end : g.start()], w[0] if close(Decimal(w[0]), Decimal(g[0]), w[0]) else g[0]]
+        pieces += [got[end : g.start()], w[0] if close(_decimal(w[0]), _decimal(g[0]), w[0]) else g[0]]
         end = g.end()
     return "".join([*pieces, got[end:]])
 
@@ -72,8 +77,11 @@ def within_printed_precision(want: str, got: str) -> str:
     return _rewrite_close(want, got, DECIMAL, lambda w, g, text: abs(g - w) <= last_digit(text))
 
 
-# Any number standing alone, integer or decimal: what a timed line prints.
-ANY_NUMBER = re.compile(r"(?<![\w.])[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?!\.?\d)")
+# Any number standing alone, integer or decimal, with or without thousands separators
+# (21,152 is one number, not 21 and 152): what a timed line prints.
+ANY_NUMBER = re.compile(
+    r"(?<![\w.,])[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?![.,]?\d)"
+)
 
 
 def within_timing_factor(want: str, got: str) -> str:
