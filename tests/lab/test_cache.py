@@ -100,3 +100,30 @@ def test_a_kept_model_that_cannot_be_saved_is_refused(micro_tokenizer, tmp_path,
 
     with pytest.raises(TypeError, match="can keep a transformers model, not a Linear"):
         with_a_plain_module()
+
+
+def test_a_kept_model_with_layers_of_its_own_is_refused(micro_model, micro_tokenizer, tmp_path, monkeypatch):
+    """from_pretrained would rebuild the plain model and fill the unknown layers at random."""
+    monkeypatch.setenv("FIELD_GUIDE_CACHE", str(tmp_path))
+
+    class Wrapped(torch.nn.Module):  # a from-scratch adapter, in miniature
+        def __init__(self, base_layer):
+            super().__init__()
+            self.base_layer, self.extra = base_layer, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.base_layer(x) + self.extra
+
+    attention = micro_model.model.layers[0].self_attn
+    attention.q_proj = Wrapped(attention.q_proj)
+
+    @cached
+    def with_an_adapter():
+        run = make_run(micro_model, [0], [1], [0.5], seconds=1.0, tokens=10)
+        run.model, run.tokenizer = micro_model, micro_tokenizer
+        return run
+
+    with pytest.raises(
+        TypeError, match=r"must be the plain LlamaForCausalLM .* has model\.layers\.0\.self_attn"
+    ):
+        with_an_adapter()

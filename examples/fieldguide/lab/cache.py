@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 import transformers
 
 import fieldguide
@@ -47,6 +48,16 @@ def _save_run(run: Run, directory: Path) -> None:
     if run.model is not None:
         if not isinstance(run.model, transformers.PreTrainedModel):
             raise TypeError(f"a cached run can keep a transformers model, not a {type(run.model).__name__}")
+        # A model with layers of its own (a from-scratch adapter, say) saves, but from_pretrained
+        # would rebuild the plain architecture and fill the unknown layers with random weights.
+        with torch.device("meta"):  # shapes only: no memory, even for a real model
+            plain = set(type(run.model)(run.model.config).state_dict())
+        if extra := sorted(set(run.model.state_dict()) - plain):
+            raise TypeError(
+                f"a cached run's model must be the plain {type(run.model).__name__} that from_pretrained "
+                f"rebuilds; it has {extra[0]} and {len(extra) - 1} more weights of its own (merge them first, "
+                "or do not keep the model)"
+            )
         save_model(run.model, run.tokenizer, directory / "model")
         numbers["model_class"] = type(run.model).__name__  # reloaded as the same class
     (directory / "run.json").write_text(json.dumps(numbers))
