@@ -1,6 +1,9 @@
 """Small builders the lab's tests share (kept out of conftest.py, whose module name
 another conftest.py, under tests/browser/, also uses)."""
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
 from fieldguide.lab.corpus import make_corpus
 from fieldguide.lab.data import pack_texts
 from fieldguide.lab.experiment import Technique
@@ -28,3 +31,27 @@ def language_modelling(tokenizer) -> Technique:
         data=lambda tokenizer: pack_texts(tokenizer, make_corpus(60, seed=0), block_size=32),
         score=lambda model, tokenizer: text_losses(model, tokenizer, heldout),
     )
+
+
+# Small enough to run and train in milliseconds, with grouped-query attention as in the lab's
+# tiny model.
+RANDOM_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
+def random_llama(seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
+    """A random two-layer Llama."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **RANDOM_SHAPE)).eval()
+
+
+def random_qwen2(seed: int = 0, vocab_size: int = 64) -> Qwen2ForCausalLM:
+    """A random two-layer Qwen2: a Llama-like block whose query, key and value have biases."""
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **RANDOM_SHAPE)).eval()

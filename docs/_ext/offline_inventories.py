@@ -30,6 +30,7 @@ INVENTORIES = {
             ("argparse.Namespace", "py:class", "library/argparse.html#argparse.Namespace"),
             ("collections.abc.Callable", "py:class", "library/collections.abc.html#collections.abc.Callable"),
             ("collections.abc.Iterator", "py:class", "library/collections.abc.html#collections.abc.Iterator"),
+            ("collections.abc.Iterable", "py:class", "library/collections.abc.html#collections.abc.Iterable"),
             ("collections.abc.Hashable", "py:class", "library/collections.abc.html#collections.abc.Hashable"),
             ("random.Random", "py:class", "library/random.html#random.Random"),
             ("typing.Generic", "py:class", "library/typing.html#typing.Generic"),
@@ -41,6 +42,8 @@ INVENTORIES = {
         [
             ("torch.Tensor", "py:class", "tensors.html#torch.Tensor"),
             ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
+            # autodoc writes an annotation nn.Linear under the class's defining module
+            ("torch.nn.modules.linear.Linear", "py:class", "generated/torch.nn.Linear.html#torch.nn.Linear"),
             ("torch.device", "py:class", "tensor_attributes.html#torch.device"),
             ("torch.dtype", "py:class", "tensor_attributes.html#torch.dtype"),
             ("torch.optim.Optimizer", "py:class", "optim.html#torch.optim.Optimizer"),

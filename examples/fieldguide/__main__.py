@@ -36,6 +36,10 @@ COMMANDS = {
         "a small student learns from a fine-tuned teacher",
     ),
     "evaluation": ("fieldguide.whole_model.evaluation", "score a model on the lab's tasks and held-out text"),
+    "lora": (
+        "fieldguide.parameter_efficient.lora",
+        "LoRA from scratch: train a low-rank update of each linear layer",
+    ),
 }
 
 

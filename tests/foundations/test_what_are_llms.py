@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface
 
 from fieldguide.foundations.what_are_llms import causal_attention, causal_mask, llama_attention
+from lab_factories import random_llama
 
 # (batch, heads, sequence length, head dimension)
 SHAPES = [
@@ -65,17 +66,8 @@ def test_llama_attention_refuses_a_key_value_cache():
 
 def test_a_llama_model_computes_the_same_logits_with_it():
     AttentionInterface.register("fieldguide", llama_attention)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in the lab's tiny model
-    )
-    model = LlamaForCausalLM(config).eval()
-    input_ids = torch.randint(0, 50, (2, 12))
+    model = random_llama(seed=0)  # grouped-query attention, as in the lab's tiny model
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
         model.set_attn_implementation("fieldguide")

@@ -1,0 +1,2 @@
+"""Parameter-efficient fine-tuning: methods that train a few added or chosen parameters
+and leave the rest of the model frozen."""
