@@ -1,6 +1,7 @@
 """The experiment harness: one result type, runs cached by their code, and the two ways the
 methods still to come plug in (a frozen reference, generating during training)."""
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from fieldguide.lab.experiment import (
     count_tokens,
     frozen_copy,
     run_technique,
+    step_seconds,
 )
 from fieldguide.lab.training import TrainConfig
 from lab_factories import CONFIG, language_modelling
@@ -172,3 +174,19 @@ def test_tokens_are_counted_by_the_batch_contract():
     assert count_tokens({"input_ids": ones, "num_tokens": 4}) == 4
     assert count_tokens({"chosen_attention_mask": ones, "rejected_attention_mask": ones[:, :2]}) == 10
     assert count_tokens({"input_ids": ones}) == 6
+
+
+def test_step_seconds_times_a_real_training_step_of_each_model(micro_model, micro_tokenizer):
+    """Every model takes its steps (its weights move) and gets its own fastest time."""
+    frozen_but_head = copy.deepcopy(micro_model).requires_grad_(False)
+    frozen_but_head.lm_head.weight.requires_grad_(True)  # tied to the embedding: one matrix trains
+    models = {"all": copy.deepcopy(micro_model).requires_grad_(True), "head": frozen_but_head}
+    before = {
+        name: [p.detach().clone() for p in m.parameters() if p.requires_grad] for name, m in models.items()
+    }
+    ids = torch.randint(0, len(micro_tokenizer), (2, 8), generator=torch.Generator().manual_seed(0))
+    seconds = step_seconds(models, {"input_ids": ids, "labels": ids}, rounds=2)
+    assert list(seconds) == ["all", "head"] and all(value > 0 for value in seconds.values())
+    for name, model in models.items():
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before[name], strict=True)), name

@@ -216,6 +216,28 @@ def run_technique(
     return run
 
 
+def step_seconds(models: dict[str, torch.nn.Module], batch: dict, rounds: int = 10) -> dict[str, float]:
+    """Each model's time for one training step on ``batch`` (forward, backward, AdamW update).
+
+    The models take their steps in turn, round after round, and each keeps its fastest time,
+    the one least disturbed by whatever else the machine is doing; the first round only warms
+    up. Side by side like this, the ratio of two times is a fair comparison on any machine.
+    """
+    optimizers = {
+        name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        for name, model in models.items()
+    }
+    times = {name: [] for name in models}
+    for _ in range(rounds + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(seconds[1:]) for name, seconds in times.items()}
+
+
 def make_run(
     model, before: list, after: list, losses: list, seconds: float, tokens: int, measures=None
 ) -> Run:

@@ -13,7 +13,6 @@ Run it on the lab's sentiment task, or on a real model with ``--model``::
 """
 
 import math
-import time
 from collections.abc import Iterable
 
 import torch
@@ -217,28 +216,6 @@ def run_lora(r: int = 8, lora_alpha: float = 16, target_modules: tuple[str, ...]
     model, tokenizer = load_model("tiny")
     # The trained model is not kept: the cache saves transformers models, and ours has LoRA layers.
     return run_technique(lora_fine_tuning(r, lora_alpha, target_modules), model, tokenizer, PRESETS.tiny)
-
-
-def step_seconds(models: dict[str, nn.Module], batch: dict, rounds: int = 10) -> dict[str, float]:
-    """Each model's time for one training step on ``batch`` (forward, backward, AdamW update).
-
-    The models take their steps in turn, round after round, and each keeps its fastest time,
-    the one least disturbed by whatever else the machine is doing; the first round only warms
-    up. Side by side like this, the ratio of two times is a fair comparison on any machine.
-    """
-    optimizers = {
-        name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-        for name, model in models.items()
-    }
-    times = {name: [] for name in models}
-    for _ in range(rounds + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(seconds[1:]) for name, seconds in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
