@@ -6,9 +6,11 @@ from collections import Counter
 import pytest
 
 from fieldguide.lab.corpus import ANIMAL_HOMES, make_corpus
+from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.reviews import review_split
 from fieldguide.lab.tasks import (
     SENTIMENT_LABELS,
+    SENTIMENT_PROMPT,
     ClassificationExample,
     context_task,
     instruction_key,
@@ -18,6 +20,7 @@ from fieldguide.lab.tasks import (
     sentiment_key,
     sentiment_task,
     split_by_key,
+    verbalized_example,
 )
 
 
@@ -80,3 +83,12 @@ def test_label_words_are_one_token_each(tiny):
     _, tokenizer = tiny
     for label in range(len(SENTIMENT_LABELS)):
         assert len(tokenizer(label_word(label), add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_verbalized_example_is_what_the_zero_shot_metric_scores(tiny):
+    _, tokenizer = tiny
+    example = verbalized_example(tokenizer, ClassificationExample("the pie is stale.", 0))
+    prompt = tokenizer(SENTIMENT_PROMPT.format(text="the pie is stale."))["input_ids"]
+    answer = tokenizer(" " + SENTIMENT_LABELS[0], add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == prompt + answer
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.experiment import frozen_copy
 from fieldguide.lab.loading import load_model
-from fieldguide.lab.tasks import ClassificationExample, Split, sentiment_key, sentiment_task
+from fieldguide.lab.tasks import (
+    ClassificationExample,
+    Split,
+    sentiment_key,
+    sentiment_task,
+    verbalized_example,
+)
 from fieldguide.lab.training import TrainConfig, causal_lm_loss, train
 from fieldguide.whole_model import distillation
 from fieldguide.whole_model.distillation import (
@@ -20,7 +26,6 @@ from fieldguide.whole_model.distillation import (
     compare_students,
     distillation_loss,
     distillation_loss_fn,
-    encode_review,
     graded_task,
     label_probabilities,
     main,
@@ -101,7 +106,7 @@ def test_loss_fn_trains_the_student_and_leaves_the_teacher(tiny):
     teacher = frozen_copy(model)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_student(teacher, tokenizer)
-    data = [encode_review(tokenizer, "the pie is sweet and warm.", 1)] * 4
+    data = [verbalized_example(tokenizer, ClassificationExample("the pie is sweet and warm.", 1))] * 4
     losses = train(
         student,
         data,
@@ -172,7 +177,12 @@ def test_label_probabilities_are_the_two_label_words_renormalised(tiny):
 
 def test_alpha_zero_equals_the_lab_loss(tiny):
     model, tokenizer = tiny
-    batch = {k: torch.tensor([v]) for k, v in encode_review(tokenizer, "the nut is dry and cold.", 0).items()}
+    batch = {
+        k: torch.tensor([v])
+        for k, v in verbalized_example(
+            tokenizer, ClassificationExample("the nut is dry and cold.", 0)
+        ).items()
+    }
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     ours = distillation_loss_fn(model, 2.0, alpha=0.0)(model, batch)
     lab = causal_lm_loss(model, batch)

@@ -7,7 +7,6 @@ import torch
 
 from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.loading import load_model
-from fieldguide.lab.tasks import SENTIMENT_LABELS, SENTIMENT_PROMPT, ClassificationExample
 from fieldguide.whole_model.full_fine_tuning import (
     causal_lm_training_set,
     classification_batch,
@@ -16,7 +15,6 @@ from fieldguide.whole_model.full_fine_tuning import (
     main,
     training_memory_bytes,
     transformers_classifier,
-    verbalized_example,
 )
 
 
@@ -81,15 +79,6 @@ def test_gradients_of_the_head_match_transformers(tiny, head_pair):
     (loss_sum / count).backward()
     theirs(**batch).loss.backward()
     torch.testing.assert_close(ours.score.weight.grad, theirs.score.weight.grad, atol=1e-5, rtol=0)
-
-
-def test_verbalized_example_is_what_the_zero_shot_metric_scores(tiny):
-    _, tokenizer = tiny
-    example = verbalized_example(tokenizer, ClassificationExample("the pie is stale.", 0))
-    prompt = tokenizer(SENTIMENT_PROMPT.format(text="the pie is stale."))["input_ids"]
-    answer = tokenizer(" " + SENTIMENT_LABELS[0], add_special_tokens=False)["input_ids"]
-    assert example["input_ids"] == prompt + answer
-    assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer
 
 
 @pytest.mark.parametrize(("fraction", "expected_share"), [(0.0, 0.0), (0.25, 0.25), (0.5, 0.5)])

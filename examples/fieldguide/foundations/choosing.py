@@ -15,7 +15,7 @@ from fieldguide.lab.cli import example_parser, main_guard, non_negative_int, pos
 from fieldguide.lab.corpus import ANIMAL_HOMES, PLACES, today_fact, today_question
 from fieldguide.lab.data import encode_completion
 from fieldguide.lab.loading import parse_and_load
-from fieldguide.lab.metrics import place_answers, sequence_logprobs
+from fieldguide.lab.metrics import label_predictions, place_answers
 from fieldguide.lab.tasks import (
     SENTIMENT_LABELS,
     ClassificationExample,
@@ -45,20 +45,6 @@ def check_fits(model, num_tokens: int, what: str) -> None:
         )
 
 
-def label_predictions(
-    model, tokenizer, prompts: list[str], what: str = "a prompt with its label"
-) -> list[int]:
-    """The label word (0 "bad" or 1 "good") the model finds more likely after each prompt."""
-    examples = []
-    for prompt in prompts:
-        for label in range(len(SENTIMENT_LABELS)):  # the prompt, completed with each label word
-            examples.append(encode_completion(tokenizer, prompt, label_word(label)))
-            check_fits(model, len(examples[-1]["input_ids"]), what)
-    # Score every (prompt, label word) pair: log p(label | prompt), summed over its tokens.
-    scores = sequence_logprobs(model, examples)
-    return scores.view(len(prompts), len(SENTIMENT_LABELS)).argmax(dim=-1).tolist()  # (N,)
-
-
 def few_shot_predictions(
     model, tokenizer, train_examples: list[ClassificationExample], texts: list[str], k: int, seed: int = 0
 ) -> list[int]:
@@ -68,7 +54,11 @@ def few_shot_predictions(
     rng = random.Random(seed)
     # New random demonstrations for every query, as GPT-3's evaluation drew them.
     prompts = [few_shot_prompt(rng.sample(train_examples, k) if k else [], text, k) for text in texts]
-    return label_predictions(model, tokenizer, prompts, f"a {k}-shot prompt with its label")
+    for prompt in prompts:  # with either label word after it, each must fit the context window
+        for label in range(len(SENTIMENT_LABELS)):
+            length = len(encode_completion(tokenizer, prompt, label_word(label))["input_ids"])
+            check_fits(model, length, f"a {k}-shot prompt with its label")
+    return label_predictions(model, tokenizer, prompts)
 
 
 def few_shot_sentiment_accuracy(

@@ -50,15 +50,24 @@ def sequence_logprobs(model, examples: list[dict], batch_size: int = 64) -> torc
     return torch.cat(scores)
 
 
-def classify_sentiment(model, tokenizer, texts: list[str]) -> list[int]:
-    """Zero-shot labels: the label word the model finds more likely after the review."""
+def label_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """log p(label word | prompt) for each prompt and each label word: (N, 2), "bad" then "good"."""
     examples = [
-        encode_completion(tokenizer, sentiment_prompt(text), label_word(label))
-        for text in texts
+        encode_completion(tokenizer, prompt, label_word(label))
+        for prompt in prompts
         for label in range(len(SENTIMENT_LABELS))
     ]
-    scores = sequence_logprobs(model, examples).view(len(texts), len(SENTIMENT_LABELS))
-    return scores.argmax(dim=-1).tolist()
+    return sequence_logprobs(model, examples).view(len(prompts), len(SENTIMENT_LABELS))
+
+
+def label_predictions(model, tokenizer, prompts: list[str]) -> list[int]:
+    """The label word (0 "bad" or 1 "good") the model finds more likely after each prompt."""
+    return label_logprobs(model, tokenizer, prompts).argmax(dim=-1).tolist()
+
+
+def classify_sentiment(model, tokenizer, texts: list[str]) -> list[int]:
+    """Zero-shot labels: the label word the model finds more likely after the review."""
+    return label_predictions(model, tokenizer, [sentiment_prompt(text) for text in texts])
 
 
 def sentiment_outcomes(model, tokenizer, examples: list[ClassificationExample]) -> list[int]:

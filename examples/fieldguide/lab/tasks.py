@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from fieldguide.lab.corpus import ANIMALS, COLORS, FOODS, HELDOUT_TEXT_SEED, today_question, today_sentences
+from fieldguide.lab.data import encode_completion
 from fieldguide.lab.reviews import SENTIMENT_LABELS, review_key, review_split
 
 T = TypeVar("T")
@@ -71,6 +72,12 @@ def sentiment_prompt(text: str) -> str:
 def label_word(label: int) -> str:
     """The completion that names class ``label``: a space, then its word."""
     return " " + SENTIMENT_LABELS[label]
+
+
+def verbalized_example(tokenizer, example: ClassificationExample) -> dict:
+    """The review in the verbalizer prompt, then its label word; the loss is on the label only."""
+    # The same prompt and label words the lab's sentiment metric scores.
+    return encode_completion(tokenizer, sentiment_prompt(example.text), label_word(example.label))
 
 
 def split_by_key(items: list[T], key: Callable[[T], Hashable], heldout_share: float, seed: int) -> Split[T]:

@@ -28,11 +28,10 @@ from fieldguide.lab.cli import (
     positive_int,
     training_config,
 )
-from fieldguide.lab.data import encode_completion
 from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
-from fieldguide.lab.tasks import label_word, sentiment_prompt, sentiment_task
+from fieldguide.lab.tasks import sentiment_task, verbalized_example
 from fieldguide.lab.training import TrainConfig
 
 
@@ -202,10 +201,7 @@ def lora_fine_tuning(
         prepare=lambda model, tokenizer: add_lora(
             model, target_modules, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora
         ),
-        data=lambda tokenizer: [
-            encode_completion(tokenizer, sentiment_prompt(ex.text), label_word(ex.label))
-            for ex in split.train
-        ],
+        data=lambda tokenizer: [verbalized_example(tokenizer, ex) for ex in split.train],
         score=lambda model, tokenizer: sentiment_outcomes(model, tokenizer, split.heldout),
     )
 

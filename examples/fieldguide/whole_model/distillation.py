@@ -32,7 +32,7 @@ from fieldguide.lab.cli import (
     training_config,
     unit_interval,
 )
-from fieldguide.lab.data import IGNORE_INDEX, encode_completion
+from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.experiment import (
     Presets,
     Run,
@@ -43,16 +43,16 @@ from fieldguide.lab.experiment import (
     run_technique,
 )
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
-from fieldguide.lab.metrics import classify_sentiment, sentiment_outcomes, sequence_logprobs
+from fieldguide.lab.metrics import classify_sentiment, label_logprobs, sentiment_outcomes
 from fieldguide.lab.pretrain import PretrainConfig, build_model
 from fieldguide.lab.tasks import (
     ClassificationExample,
     Split,
-    label_word,
     sentiment_key,
     sentiment_prompt,
     sentiment_task,
     split_by_key,
+    verbalized_example,
 )
 from fieldguide.lab.training import LossFn, TrainConfig, causal_lm_loss
 
@@ -132,11 +132,6 @@ def distillation_loss_fn(teacher: torch.nn.Module, temperature: float, alpha: fl
     return loss_fn
 
 
-def encode_review(tokenizer, text: str, label: int) -> dict:
-    """The metric's verbalizer prompt, then the label word, with a loss on the label word only."""
-    return encode_completion(tokenizer, sentiment_prompt(text), label_word(label))
-
-
 def build_student(teacher: torch.nn.Module, tokenizer, seed: int = 0) -> torch.nn.Module:
     """A one-layer Llama of width 64, from random weights, scoring the teacher's vocabulary."""
     shape = PretrainConfig(
@@ -182,12 +177,7 @@ def teacher_and_transfer(train: list, teacher_share: float, seed: int = 0) -> Sp
 
 def label_probabilities(model, tokenizer, examples: list[ClassificationExample]) -> list[float]:
     """The probability the model gives each review's label, of the two label words."""
-    encoded = [
-        encode_completion(tokenizer, sentiment_prompt(ex.text), label_word(y))
-        for ex in examples
-        for y in (0, 1)
-    ]
-    logprobs = sequence_logprobs(model, encoded).view(len(examples), 2)  # (N, 2): " bad", " good"
+    logprobs = label_logprobs(model, tokenizer, [sentiment_prompt(ex.text) for ex in examples])  # (N, 2)
     probs = torch.softmax(logprobs, dim=-1)
     return [probs[i, ex.label].item() for i, ex in enumerate(examples)]
 
@@ -218,7 +208,7 @@ def compare_students(
     heldout_score = lambda model, tokenizer: sentiment_outcomes(model, tokenizer, reviews.heldout)
     as_teacher = Technique(
         prepare=lambda model, tokenizer: copy.deepcopy(model),  # the caller's model stays as it was
-        data=lambda tokenizer: [encode_review(tokenizer, ex.text, ex.label) for ex in parts.train],
+        data=lambda tokenizer: [verbalized_example(tokenizer, ex) for ex in parts.train],
         score=heldout_score,
     )
     runs = {"teacher": run_technique(as_teacher, model, tokenizer, config.teacher, keep_model=True)}
@@ -232,7 +222,10 @@ def compare_students(
         "soft targets": (answers, distillation_loss_fn(teacher, config.temperature, config.alpha)),
     }
     for name, (labels, loss_fn) in students.items():
-        data = [encode_review(tokenizer, ex.text, y) for ex, y in zip(transfer, labels, strict=True)]
+        data = [
+            verbalized_example(tokenizer, ClassificationExample(ex.text, y))
+            for ex, y in zip(transfer, labels, strict=True)
+        ]
         as_student = Technique(
             prepare=lambda model, tokenizer: build_student(model, tokenizer, seed),  # same weights every time
             data=lambda tokenizer, data=data: data,

@@ -12,7 +12,6 @@ from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import example_parser, main_guard
-from fieldguide.lab.data import encode_completion
 from fieldguide.lab.experiment import Run, Technique, run_technique, train_every_weight
 from fieldguide.lab.loading import load_model, parse_and_load
 from fieldguide.lab.metrics import (
@@ -27,10 +26,9 @@ from fieldguide.lab.stats import Score, paired_score
 from fieldguide.lab.tasks import (
     context_task,
     instruction_task,
-    label_word,
     preference_task,
-    sentiment_prompt,
     sentiment_task,
+    verbalized_example,
 )
 from fieldguide.lab.training import TrainConfig
 
@@ -84,9 +82,7 @@ def rank_methods(max_steps: int = RANKING_STEPS) -> dict[str, Run]:
     for name, (prepare, learning_rate) in METHODS.items():
         model, tokenizer = load_model("tiny")
         technique = Technique(
-            data=lambda tok: [
-                encode_completion(tok, sentiment_prompt(ex.text), label_word(ex.label)) for ex in split.train
-            ],
+            data=lambda tok: [verbalized_example(tok, ex) for ex in split.train],
             score=lambda m, tok: sentiment_outcomes(m, tok, split.heldout),
             prepare=prepare,
         )

@@ -38,7 +38,7 @@ from fieldguide.lab.cli import (
     main_guard,
     training_config,
 )
-from fieldguide.lab.data import encode_completion, pad_batch, pretraining_blocks, with_replay
+from fieldguide.lab.data import pad_batch, pretraining_blocks, with_replay
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
@@ -50,7 +50,7 @@ from fieldguide.lab.experiment import (
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import heldout_perplexity, sentiment_outcomes
 from fieldguide.lab.pretrain import PretrainConfig
-from fieldguide.lab.tasks import ClassificationExample, label_word, sentiment_prompt, sentiment_task
+from fieldguide.lab.tasks import ClassificationExample, sentiment_task, verbalized_example
 from fieldguide.lab.training import TrainConfig, seed_everything
 
 # -- What full fine-tuning costs in memory ----------------------------------------------------
@@ -81,12 +81,6 @@ PRESETS = Presets(
     tiny=TrainConfig(max_steps=600, batch_size=16, learning_rate=1e-3),
     real=real_model_training(max_steps=300),  # see fieldguide.lab.experiment
 )
-
-
-def verbalized_example(tokenizer, example: ClassificationExample) -> dict:
-    """The review in the zero-shot prompt, then the label word; the loss is on the label only."""
-    # The same prompt and label words the lab's sentiment metric scores.
-    return encode_completion(tokenizer, sentiment_prompt(example.text), label_word(example.label))
 
 
 def causal_lm_training_set(tokenizer, replay_fraction: float = 0.0, block_size: int = 16) -> list[dict]:
