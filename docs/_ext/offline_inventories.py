@@ -71,7 +71,10 @@ INVENTORIES = {
     "peft": (
         "PEFT",
         "https://huggingface.co/docs/peft/main/en/",
-        [("peft.LoraConfig", "py:class", "package_reference/lora#peft.LoraConfig")],
+        [
+            ("peft.LoraConfig", "py:class", "package_reference/lora#peft.LoraConfig"),
+            ("peft.peft_model.PeftModel", "py:class", "package_reference/peft_model#peft.PeftModel"),
+        ],
     ),
 }
 

@@ -127,3 +127,21 @@ def test_a_kept_model_with_layers_of_its_own_is_refused(micro_model, micro_token
         TypeError, match=r"must be the plain LlamaForCausalLM .* has model\.layers\.0\.self_attn"
     ):
         with_an_adapter()
+
+
+def test_a_kept_adapter_comes_back_tensor_for_tensor(micro_model, tmp_path, monkeypatch):
+    """A from-scratch adapter is kept as its own tensors, the part a cached model cannot hold."""
+    monkeypatch.setenv("FIELD_GUIDE_CACHE", str(tmp_path))
+    adapter = {"layers.0.lora_A.weight": torch.randn(2, 8), "layers.0.lora_B.weight": torch.zeros(8, 2)}
+
+    @cached
+    def with_an_adapter():
+        run = make_run(micro_model, [0], [1], [0.5], seconds=1.0, tokens=10)
+        run.adapter = adapter
+        return run
+
+    with_an_adapter()
+    read_back = with_an_adapter().adapter  # the second call reads from disk
+    assert read_back.keys() == adapter.keys()
+    for name, tensor in adapter.items():
+        assert torch.equal(read_back[name], tensor), name

@@ -16,9 +16,12 @@ from fieldguide.parameter_efficient.lora import (
     add_lora,
     from_peft_state_dict,
     linear_names,
+    load_adapter,
     lora_layers,
     lora_state_dict,
     merge_and_unload,
+    peft_model_with,
+    to_peft_state_dict,
 )
 from lab_factories import random_llama, random_qwen2
 
@@ -212,3 +215,80 @@ def test_every_adapter_weight_trains_and_no_base_weight_moves(checkpointing):
         moved = not torch.equal(p, before[name])
         # B moves on step 1; A only from step 2, once B is no longer zero.
         assert moved == p.requires_grad, name
+
+
+def test_the_first_adamw_step_moves_b_by_the_learning_rate_against_its_gradients_sign():
+    """The derivation of the page's first-step equation: B = 0, so only B moves, and AdamW's first
+    step is lr * g / (|g| + eps), the sign of g wherever |g| is well above eps = 1e-8."""
+    torch.manual_seed(0)
+    model = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=token_batch(), labels=token_batch()).loss.backward()
+    gradients = {
+        id(layer): (layer.lora_A.weight.grad, layer.lora_B.weight.grad.clone())
+        for layer in lora_layers(model)
+    }
+    optimizer.step()
+    for layer in lora_layers(model):
+        grad_A, grad_B = gradients[id(layer)]
+        assert grad_A is None or not grad_A.any()  # A's gradient is scaling * B^T ..., and B is zero
+        assert torch.equal(torch.sign(layer.lora_B.weight), -torch.sign(grad_B))
+        expected = -1e-3 * grad_B / (grad_B.abs() + 1e-8)
+        torch.testing.assert_close(layer.lora_B.weight, expected, atol=1e-9, rtol=1e-5)
+
+
+def test_an_adapter_switched_in_gives_the_model_it_was_trained_as():
+    first, second = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8), None
+    for layer in lora_layers(first):  # a non-zero B, so the adapter changes the outputs
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    second = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8)
+    ids = token_batch()
+    with torch.no_grad():
+        assert not torch.equal(second(ids).logits, first(ids).logits)
+        load_adapter(second, lora_state_dict(first))
+        assert torch.equal(second(ids).logits, first(ids).logits)
+
+
+def test_an_adapter_of_another_rank_or_set_of_layers_is_refused():
+    model = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8)
+    other_rank = lora_state_dict(add_lora(random_llama(), "all-linear", r=2, lora_alpha=8))
+    with pytest.raises(ValueError, match=r"lora_A\.weight is \(2, 32\) in the adapter, \(4, 32\) here"):
+        load_adapter(model, other_rank)
+    other_layers = lora_state_dict(add_lora(random_llama(), ["q_proj"], r=4, lora_alpha=8))
+    with pytest.raises(ValueError, match="do not match this model's LoRA layers"):
+        load_adapter(model, other_layers)
+
+
+def test_our_adapter_names_round_trip_through_peft_names():
+    adapter = lora_state_dict(add_lora(random_llama(), ["q_proj", "v_proj"], r=2, lora_alpha=4))
+    assert from_peft_state_dict(to_peft_state_dict(adapter)).keys() == adapter.keys()
+
+
+def test_a_mixed_batch_gives_each_row_its_own_adapter():
+    """PEFT's mixed batch, loaded with two of our adapters: each row as that adapter alone gives it."""
+    adapters = {}
+    for seed, name in enumerate(["one", "two"]):
+        ours = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8)
+        generator = torch.Generator().manual_seed(seed)
+        for layer in lora_layers(ours):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=generator)
+        adapters[name] = lora_state_dict(ours)
+    model = peft_model_with(random_llama(), adapters, r=4, lora_alpha=8)
+    ids, names = token_batch(batch=3), ["two", "__base__", "one"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        with model.disable_adapter():
+            alone = {"__base__": model(input_ids=ids).logits}
+        for name in adapters:
+            model.set_adapter(name)
+            alone[name] = model(input_ids=ids).logits
+    assert not torch.allclose(alone["one"], alone["two"])
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=0)
+
+
+def test_peft_refuses_nothing_silently_when_loading_our_adapter():
+    adapter = lora_state_dict(add_lora(random_llama(), ["q_proj"], r=4, lora_alpha=8))
+    adapter["model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(1)  # not a LoRA weight
+    with pytest.raises(ValueError, match="PEFT did not use"):
+        peft_model_with(random_llama(), {"only": adapter}, r=4, lora_alpha=8)

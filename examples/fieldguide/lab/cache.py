@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 import fieldguide
 from fieldguide.lab.experiment import Run
@@ -43,8 +44,10 @@ def code_hash(package: Path | None = None) -> str:
 
 
 def _save_run(run: Run, directory: Path) -> None:
-    numbers = asdict(replace(run, model=None, tokenizer=None))
-    del numbers["model"], numbers["tokenizer"]
+    numbers = asdict(replace(run, model=None, tokenizer=None, adapter=None))
+    del numbers["model"], numbers["tokenizer"], numbers["adapter"]
+    if run.adapter is not None:
+        save_file(run.adapter, directory / "adapter.safetensors")
     if run.model is not None:
         if not isinstance(run.model, transformers.PreTrainedModel):
             raise TypeError(f"a cached run can keep a transformers model, not a {type(run.model).__name__}")
@@ -56,7 +59,7 @@ def _save_run(run: Run, directory: Path) -> None:
             raise TypeError(
                 f"a cached run's model must be the plain {type(run.model).__name__} that from_pretrained "
                 f"rebuilds; it has {extra[0]} and {len(extra) - 1} more weights of its own (merge them first, "
-                "or do not keep the model)"
+                "or keep only the adapter's tensors, as run.adapter)"
             )
         save_model(run.model, run.tokenizer, directory / "model")
         numbers["model_class"] = type(run.model).__name__  # reloaded as the same class
@@ -68,6 +71,8 @@ def _load_run(directory: Path) -> Run:
     model_class = numbers.pop("model_class", None)
     numbers["outcomes"] = tuple(numbers["outcomes"])  # JSON keeps a tuple as a list
     run = Run(**{**numbers, **{k: Score(**numbers[k]) for k in ("before", "after", "gain")}})
+    if (directory / "adapter.safetensors").exists():
+        run.adapter = load_file(directory / "adapter.safetensors")
     if model_class is not None:  # back on the CPU, where every cached run was computed
         run.model, run.tokenizer = load_model(
             directory / "model", auto_class=getattr(transformers, model_class)
@@ -100,7 +105,8 @@ def cached(function: Callable) -> Callable:
     """Compute ``function(*args)`` once per version of the code; later calls read it from disk.
 
     ``function`` returns a ``Run`` or a dict of them; a run's kept model must be a transformers
-    model, saved and reloaded with ``save_pretrained`` and ``from_pretrained``.
+    model, saved and reloaded with ``save_pretrained`` and ``from_pretrained``, and its kept
+    ``adapter`` a dict of tensors, saved as safetensors.
     """
 
     @functools.wraps(function)

@@ -139,6 +139,9 @@ class Run:
     peak_memory_bytes: int | None = None  # the most GPU memory allocated while training; None on CPU
     outcomes: tuple[list, list] = field(default=([], []), repr=False)  # per item, before and after
     model: PreTrainedModel | None = field(default=None, repr=False, compare=False)  # kept if asked
+    # An adapter's own tensors (a LoRA's A and B), kept instead of a model that is not plain
+    # transformers: a few kilobytes where the model would be megabytes.
+    adapter: dict | None = field(default=None, repr=False, compare=False)
     tokenizer: object = field(default=None, repr=False, compare=False)
 
     def report(self, score_name: str) -> str:
