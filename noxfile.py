@@ -80,6 +80,15 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def benchmark(session: nox.Session) -> None:
+    """Step times measured side by side in one run: LoRA (PEFT's and ours) against full
+    fine-tuning on a 34M-parameter Llama, with a profile of our LoRA's step. Not in `tests`:
+    a timing is a measurement to read, not a pass or a fail."""
+    install(session, "tests")
+    session.run("python", "-m", "fieldguide.benchmarks.lora_speed", "--profile", *session.posargs)
+
+
+@nox.session(default=False)
 def linkcheck(session: nox.Session) -> None:
     """Check every external link on the site. Needs the internet, so it is not in `tests`."""
     install(session, "docs")

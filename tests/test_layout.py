@@ -1,9 +1,11 @@
 """The package's shape: the lab below, one module per page above it, and nothing in between.
 
-``fieldguide/lab/`` is what every page shares; every other subpackage is one part of the site
-with one module per page, named after the page's slug, and ``docs/`` and ``tests/`` mirror
-that tree. Techniques import only the lab (``EXTENSIONS`` declares the exceptions), and no
-import, not even one inside a function, closes a cycle.
+``fieldguide/lab/`` is what every page shares; ``fieldguide/benchmarks/`` holds the
+measurements ``nox -s benchmark`` runs, which may use any technique and which no page's module
+imports; every other subpackage is one part of the site with one module per page, named after
+the page's slug, and ``docs/`` and ``tests/`` mirror that tree. Techniques import only the lab
+(``EXTENSIONS`` declares the exceptions), and no import, not even one inside a function,
+closes a cycle.
 """
 
 import ast
@@ -25,8 +27,13 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-PARTS = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name not in {"lab", "__pycache__"})
-TECHNIQUES = [name for name in MODULES if name.count(".") == 2 and not name.startswith("fieldguide.lab.")]
+NOT_PARTS = {"lab", "benchmarks", "__pycache__"}
+PARTS = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name not in NOT_PARTS)
+TECHNIQUES = [
+    name
+    for name in MODULES
+    if name.count(".") == 2 and not name.startswith(("fieldguide.lab.", "fieldguide.benchmarks."))
+]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -118,7 +125,8 @@ def test_tests_mirror_the_package(module):
 
 
 @pytest.mark.parametrize(
-    "package", ["fieldguide", "fieldguide.lab", *(f"fieldguide.{part}" for part in PARTS)]
+    "package",
+    ["fieldguide", "fieldguide.lab", "fieldguide.benchmarks", *(f"fieldguide.{part}" for part in PARTS)],
 )
 def test_a_package_init_holds_a_docstring_only(package):
     tree = ast.parse(MODULES[package].read_text())
@@ -127,3 +135,13 @@ def test_a_package_init_holds_a_docstring_only(package):
         assert [ast.unparse(node).split(" = ")[0] for node in body] == ["__version__"], body
         body = []
     assert ast.get_docstring(tree) and not body, f"{package}/__init__.py holds code"
+
+
+def test_no_page_module_imports_a_benchmark():
+    importers = {
+        name: deps
+        for name, deps in GRAPH.items()
+        if not name.startswith("fieldguide.benchmarks")
+        and any(dep.startswith("fieldguide.benchmarks") for dep in deps)
+    }
+    assert importers == {}, "a benchmark is a measurement to run, not code pages share"
