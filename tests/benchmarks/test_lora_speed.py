@@ -42,3 +42,13 @@ def test_a_bad_argument_is_one_clear_line(capsys):
         lora_speed.main(["--rounds", "0"])
     assert exit_info.value.code == 2
     assert "argument --rounds: " in capsys.readouterr().err
+
+
+def test_each_phase_of_a_step_is_timed_for_every_contender():
+    models = lora_speed.contenders(lora_speed.benchmark_model(SMALL), r=2)
+    batch = lora_speed.benchmark_batch(64, batch_size=2, length=8)
+    phases = lora_speed.phase_seconds(models, batch, rounds=1)
+    assert list(phases) == list(models)
+    for timings in phases.values():
+        assert list(timings) == ["forward", "backward", "optimizer"]
+        assert all(value > 0 for value in timings.values())

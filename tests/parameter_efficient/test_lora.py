@@ -3,6 +3,7 @@ same training steps, merging that changes nothing, and the failures a reader wou
 meet silently."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -64,8 +65,13 @@ def test_same_weights_give_the_same_logits(targets, r, alpha, rslora):
     theirs, ours = pair(targets, r, alpha, rslora)
     ids = token_batch()
     with torch.no_grad():
-        # The same operations in the same order: equal to the last bit, not merely close.
-        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        scale = lora_layers(ours)[0].scaling
+        if math.log2(scale).is_integer():
+            # Scaling by a power of two is exact, so scaling before B (ours) or after it (PEFT's)
+            # gives the same numbers: equal to the last bit, not merely close.
+            assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        else:  # any other scale rounds differently in the two orders
+            torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-6, rtol=0)
         # and the update's path is exercised: without it, the logits would be the base's.
         with theirs.disable_adapter():
             assert (ours(ids).logits - theirs(ids).logits).abs().max() > 1e-3

@@ -102,7 +102,10 @@ class LoraLinear(nn.Module):
         if self.merged:  # W already holds the update; adding it again would count it twice
             return result
         x = x.to(self.lora_A.weight.dtype)  # a bfloat16 base hands A bfloat16 activations
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., d_out)
+        # The scale multiplies the r numbers per token between A and B, not the d_out numbers
+        # after B as PEFT does: the same update, in less time (the page's benchmark measures it).
+        # With a scale that is a power of two, as alpha = 2r gives, it even rounds the same.
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # (..., d_out)
         return result + update.to(result.dtype)
 
 
