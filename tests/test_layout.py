@@ -17,8 +17,12 @@ ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "examples" / "fieldguide"
 DOCS, TESTS = ROOT / "docs", ROOT / "tests"
 
-# A technique that builds on another technique says so here (QLoRA on LoRA, when it comes).
-EXTENSIONS: dict[str, set[str]] = {}
+# A technique that builds on another technique says so here.
+EXTENSIONS: dict[str, set[str]] = {
+    "fieldguide.parameter_efficient.dora": {
+        "fieldguide.parameter_efficient.lora"
+    },  # DoRA is LoRA plus a magnitude
+}
 
 
 def module_name(path: Path) -> str:

@@ -40,6 +40,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.lora",
         "LoRA from scratch: train a low-rank update of each linear layer",
     ),
+    "dora": (
+        "fieldguide.parameter_efficient.dora",
+        "DoRA from scratch: LoRA plus a trained magnitude for every output",
+    ),
 }
 
 

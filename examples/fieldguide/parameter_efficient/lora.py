@@ -116,12 +116,14 @@ def add_lora(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    layer_class: type[LoraLinear] = LoraLinear,
 ) -> nn.Module:
     """Freeze ``model`` and wrap every ``nn.Linear`` whose name ends in a target in ``LoraLinear``.
 
     ``target_modules`` holds the last part of module names, as PEFT's ``LoraConfig`` takes
     them: ``["q_proj", "v_proj"]`` adapts the query and value projections of every layer.
     ``"all-linear"``, as in PEFT, adapts every linear layer but the output layer.
+    ``layer_class`` is a variant of ``LoraLinear`` to wrap them in instead (DoRA's).
     """
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]  # one name, not its letters
@@ -144,7 +146,7 @@ def add_lora(
         setattr(
             model.get_submodule(parent_name),
             child,
-            LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora),
+            layer_class(module, r, lora_alpha, lora_dropout, use_rslora),
         )
     return model
 
@@ -164,12 +166,9 @@ def lora_layers(model: nn.Module) -> list[LoraLinear]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter: the A and B of every LoRA layer, what a LoRA checkpoint holds."""
-    return {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if ".lora_A." in name or ".lora_B." in name
-    }
+    """Only the adapter: what a LoRA checkpoint holds, the A and B of every LoRA layer (and
+    whatever else a variant trains there, named ``lora_...`` as in PEFT: DoRA's magnitudes)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
 
 
 def from_peft_state_dict(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -236,13 +235,18 @@ PRESETS = Presets(
 
 
 def lora_fine_tuning(
-    r: int = 8, lora_alpha: float = 16, target_modules="all-linear", use_rslora: bool = False
+    r: int = 8,
+    lora_alpha: float = 16,
+    target_modules="all-linear",
+    use_rslora: bool = False,
+    layer_class: type[LoraLinear] = LoraLinear,
 ) -> Technique:
-    """LoRA on the sentiment task: the review's prompt, the label word as the only target."""
+    """LoRA (or a variant's ``layer_class``) on the sentiment task: the review's prompt, the
+    label word as the only target."""
     split = sentiment_task()
     return Technique(
         prepare=lambda model, tokenizer: add_lora(
-            model, target_modules, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora
+            model, target_modules, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, layer_class=layer_class
         ),
         data=lambda tokenizer: [verbalized_example(tokenizer, ex) for ex in split.train],
         score=lambda model, tokenizer: sentiment_outcomes(model, tokenizer, split.heldout),
@@ -309,9 +313,9 @@ def rank_figure(ax) -> None:
     """The first step's loss drop against r, with alpha / r and with rsLoRA's alpha / sqrt(r)."""
     # rsLoRA's alpha is chosen so that both scalings agree at r = 8, the page's usual rank.
     for label, drops in [
-        (r"$\alpha / r$, $\alpha = 16$", first_step_sweep(alphas=(16,))),
+        ("\u03b1 / r, \u03b1 = 16", first_step_sweep(alphas=(16,))),
         (
-            r"$\alpha / \sqrt{r}$, $\alpha = 16 / \sqrt{8}$",
+            "\u03b1 / \u221ar, \u03b1 = 16 / \u221a8",
             first_step_sweep(alphas=(16 / math.sqrt(8),), use_rslora=True),
         ),
     ]:
@@ -367,9 +371,12 @@ def peft_model_with(base: torch.nn.Module, adapters: dict, r: int = 8, lora_alph
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(
+    argv: list[str] | None = None, layer_class: type[LoraLinear] = LoraLinear, name: str = "LoRA"
+) -> None:
+    """The command line, for LoRA and for its variants (DoRA's passes its ``layer_class``)."""
     parser = example_parser(
-        "Fine-tune a causal LM with our LoRA to write the sentiment label after a review."
+        f"Fine-tune a causal LM with our {name} to write the sentiment label after a review."
     )
     parser.add_argument("--lora-r", type=positive_int, default=8, help="the rank r of every update")
     parser.add_argument(
@@ -383,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     # The base only answers, frozen: loaded as a model that is not trained, in bfloat16 on a
     # GPU (half the memory of float32), while A and B are made in float32.
     args, model, tokenizer = parse_and_load(parser, argv, training=False)
-    technique = lora_fine_tuning(args.lora_r, args.lora_alpha, use_rslora=args.use_rslora)
+    technique = lora_fine_tuning(
+        args.lora_r, args.lora_alpha, use_rslora=args.use_rslora, layer_class=layer_class
+    )
     run = run_technique(technique, model, tokenizer, training_config(args, PRESETS), keep_model=True)
     print(run.report("sentiment accuracy"))
     print(f"{'adapter':22s} {run.trainable_parameters:,} of {run.total_parameters:,} parameters trained")
