@@ -97,7 +97,7 @@ def test_a_fresh_adapter_leaves_the_model_unchanged():
     ours = add_dora(copy.deepcopy(base), "all-linear", r=4, lora_alpha=8)
     ids = token_batch()
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
+        assert torch.equal(ours(ids).logits, base(ids).logits)  # the factor is exactly 1, the update 0
     for layer in lora_layers(ours):
         torch.testing.assert_close(layer.lora_magnitude_vector, layer.base_layer.weight.norm(dim=1))
 
@@ -212,3 +212,31 @@ def test_merging_twice_is_refused():
     layer.unmerge()
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
+
+
+def test_the_same_outputs_under_dropout():
+    """With dropout, W0 sees the dropped input too (PEFT recomputes it); the same seed gives both
+    layers the same mask, so the outputs agree."""
+    theirs = get_peft_model(
+        random_llama(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, lora_dropout=0.5),
+    )
+    ours = add_dora(random_llama(), ["q_proj"], r=4, lora_alpha=8, lora_dropout=0.5)
+    for name, module in theirs.named_modules():
+        if isinstance(module, PeftLoraLinear):
+            mine = ours.get_submodule(name.removeprefix("base_model.model."))
+            torch.nn.init.normal_(
+                module.lora_B["default"].weight, std=0.1, generator=torch.Generator().manual_seed(1)
+            )
+            mine.lora_A.weight.data.copy_(module.lora_A["default"].weight)
+            mine.lora_B.weight.data.copy_(module.lora_B["default"].weight)
+    theirs.train(), ours.train()
+    ids = token_batch()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        theirs_logits = theirs(ids).logits
+        torch.manual_seed(3)
+        ours_logits = ours(ids).logits
+        torch.testing.assert_close(ours_logits, theirs_logits, atol=1e-5, rtol=0)
+        torch.manual_seed(4)  # another mask: the dropout path really is taken
+        assert (ours(ids).logits - ours_logits).abs().max() > 1e-4

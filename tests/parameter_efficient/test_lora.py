@@ -298,3 +298,11 @@ def test_peft_refuses_nothing_silently_when_loading_our_adapter():
     adapter["model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(1)  # not a LoRA weight
     with pytest.raises(ValueError, match="PEFT did not use"):
         peft_model_with(random_llama(), {"only": adapter}, r=4, lora_alpha=8)
+
+
+def test_an_adapter_is_not_loaded_into_merged_layers():
+    model = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8)
+    adapter = lora_state_dict(model)
+    lora_layers(model)[0].merge()
+    with pytest.raises(RuntimeError, match="1 LoRA layers are merged; unmerge them"):
+        load_adapter(model, adapter)

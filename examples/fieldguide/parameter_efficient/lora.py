@@ -36,6 +36,7 @@ from fieldguide.lab.data import pad_batch
 from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes, sentiment_outcomes
+from fieldguide.lab.stats import score
 from fieldguide.lab.tasks import instruction_task, sentiment_task, verbalized_example
 from fieldguide.lab.training import TrainConfig, causal_lm_loss, seed_everything
 
@@ -184,9 +185,17 @@ def to_peft_state_dict(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def load_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> nn.Module:
     """Copy an adapter's A and B into ``model``'s LoRA layers: switching adapters on one base.
 
-    Only the adapter's numbers move (tens of kilobytes for the tiny model); the base stays
-    where it is. An adapter for another model, rank or set of layers is refused by name.
+    Only the adapter's numbers move (about 150 kilobytes for the tiny model); the base stays
+    where it is. An adapter for another model, rank or set of layers is refused, by its names
+    or its shapes. Its scale is not in its tensors: load it into layers made with the same
+    ``lora_alpha`` (and ``use_rslora``) it was trained with, as PEFT reads them from the
+    adapter's ``adapter_config.json``.
     """
+    if merged := [layer for layer in lora_layers(model) if layer.merged]:
+        # Unmerging later would subtract the new adapter's update from a weight that holds the old one.
+        raise RuntimeError(
+            f"{len(merged)} LoRA layers are merged; unmerge them before loading another adapter"
+        )
     expected = lora_state_dict(model)
     if adapter.keys() != expected.keys():
         raise ValueError(
@@ -278,7 +287,7 @@ def loss_drop_after_one_step(
 ) -> float:
     """How far the first AdamW step of a new LoRA moves the model: the loss on ``batch`` before
     the step minus the loss after it, at the tiny preset's learning rate."""
-    seed_everything(0)  # the same draw of A for every setting
+    seed_everything(0)  # the same seed for every setting (the same A wherever the shapes agree)
     model = add_lora(copy.deepcopy(base), r=r, lora_alpha=lora_alpha, use_rslora=use_rslora).train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=PRESETS.tiny.learning_rate
@@ -397,7 +406,10 @@ def main(
     print(run.report("sentiment accuracy"))
     print(f"{'adapter':22s} {run.trainable_parameters:,} of {run.total_parameters:,} parameters trained")
     if args.output is not None:
-        save_if_asked(args.output, merge_and_unload(run.model), tokenizer)
+        # Merging into a bfloat16 base rounds the update: score what is saved, not what trained.
+        merged = merge_and_unload(run.model)
+        print(f"{'after merging':22s} {score(technique.score(merged, tokenizer))}")
+        save_if_asked(args.output, merged, tokenizer)
 
 
 if __name__ == "__main__":
