@@ -306,3 +306,26 @@ def test_an_adapter_is_not_loaded_into_merged_layers():
     lora_layers(model)[0].merge()
     with pytest.raises(RuntimeError, match="1 LoRA layers are merged; unmerge them"):
         load_adapter(model, adapter)
+
+
+def test_the_first_step_lowers_the_loss_by_the_pages_equation():
+    """eq-lora-first-step: with a small rate, one AdamW step lowers the loss by
+    eta * sum over layers of s * sum |G A^T|, G being the frozen weight's gradient."""
+    torch.manual_seed(0)
+    model = add_lora(random_llama(), "all-linear", r=4, lora_alpha=8).train()
+    ids, rate = token_batch(), 1e-4
+    for layer in lora_layers(model):  # only to read G; the step below moves A and B alone
+        layer.base_layer.weight.requires_grad_(True)
+    before = model(input_ids=ids, labels=ids).loss
+    before.backward()
+    predicted = sum(
+        rate * layer.scaling * (layer.base_layer.weight.grad @ layer.lora_A.weight.T).abs().sum()
+        for layer in lora_layers(model)
+    )
+    for layer in lora_layers(model):
+        layer.base_layer.weight.requires_grad_(False).grad = None
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    torch.optim.AdamW(adapters, lr=rate, eps=1e-12, weight_decay=0.0).step()
+    with torch.no_grad():
+        drop = before - model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(drop, predicted.detach(), rtol=0.02, atol=0)
