@@ -55,8 +55,8 @@ class DoraLinear(LoraLinear):
         result = self.base_layer(x)  # W0 x + b, (..., d_out)
         if self.merged:
             return result
-        # The norm is treated as a constant in the backward pass: Liu et al. (section 4.3) found
-        # this saves much memory at almost no cost in accuracy, and PEFT does the same.
+        # The norm is treated as a constant in the backward pass, to make training cheaper, as
+        # Liu et al. propose (their section 4.3) and PEFT does.
         scale = self.lora_magnitude_vector / self.weight_norm().detach()  # m / ||W0 + s B A||, (d_out,)
         dropped = self.lora_dropout(x)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
