@@ -45,10 +45,10 @@ RANDOM_SHAPE = {
 }
 
 
-def random_llama(seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
-    """A random two-layer Llama."""
+def random_llama(seed: int = 0, vocab_size: int = 64, **shape) -> LlamaForCausalLM:
+    """A random two-layer Llama; ``shape`` overrides ``RANDOM_SHAPE``'s sizes."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **RANDOM_SHAPE)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**RANDOM_SHAPE, **shape})).eval()
 
 
 def random_qwen2(seed: int = 0, vocab_size: int = 64) -> Qwen2ForCausalLM:

@@ -22,6 +22,9 @@ EXTENSIONS: dict[str, set[str]] = {
     "fieldguide.parameter_efficient.dora": {
         "fieldguide.parameter_efficient.lora"
     },  # DoRA is LoRA plus a magnitude
+    "fieldguide.parameter_efficient.qlora": {
+        "fieldguide.parameter_efficient.lora"
+    },  # QLoRA is LoRA over a 4-bit base
 }
 
 

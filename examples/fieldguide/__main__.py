@@ -44,6 +44,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.dora",
         "DoRA from scratch: LoRA plus a trained magnitude for every output",
     ),
+    "qlora": (
+        "fieldguide.parameter_efficient.qlora",
+        "QLoRA from scratch: LoRA over a base frozen in 4-bit NF4",
+    ),
 }
 
 

@@ -87,11 +87,15 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def parse_and_load(parser: ExampleParser, argv: list[str] | None = None, training: bool = True):
+def parse_and_load(
+    parser: ExampleParser, argv: list[str] | None = None, training: bool = True, load_on: str | None = None
+):
     """Parse ``argv``, seed every generator, load the model; return (args, model, tokenizer).
 
     A model that will train keeps float32 weights (bf16 autocast computes in 16 bits, the
     updates need 32); one that only answers is loaded in bfloat16 on a GPU, half the memory.
+    The model goes to ``--device``, or to ``load_on`` (QLoRA loads it on the CPU, to quantize
+    it onto the GPU layer by layer).
     """
     args = parser.parse_args(argv)
     require_device(parser, args.device)
@@ -99,7 +103,7 @@ def parse_and_load(parser: ExampleParser, argv: list[str] | None = None, trainin
     seed_everything(args.seed)
     dtype = torch.bfloat16 if args.device == "cuda" and not training else torch.float32
     try:
-        model, tokenizer = load_model(args.model, args.device, dtype=dtype)
+        model, tokenizer = load_model(args.model, load_on or args.device, dtype=dtype)
     except ModelLoadError as error:
         parser.error(f"argument --model: {error}")
     return args, model, tokenizer

@@ -85,6 +85,11 @@ class LoraLinear(nn.Module):
         """Fold the update into ``W``: the layer becomes one matmul again, at no extra cost."""
         if self.merged:
             raise RuntimeError("this LoRA layer is merged already; unmerge it first")
+        if not isinstance(self.base_layer, nn.Linear):  # a 4-bit base's weight is bytes of indices
+            raise TypeError(
+                f"cannot merge into a {type(self.base_layer).__name__}; merge into a dequantized copy "
+                "(fieldguide.parameter_efficient.qlora.dequantize_linears)"
+            )
         weight = self.base_layer.weight
         weight.data += self.get_delta_weight().to(weight.dtype)
         self.merged = True
@@ -380,6 +385,14 @@ def peft_model_with(base: torch.nn.Module, adapters: dict, r: int = 8, lora_alph
     return model.eval()
 
 
+def add_lora_arguments(parser) -> None:
+    """``--lora-r`` and ``--lora-alpha``, as every LoRA-based command line takes them."""
+    parser.add_argument("--lora-r", type=positive_int, default=8, help="the rank r of every update")
+    parser.add_argument(
+        "--lora-alpha", type=positive_float, default=16, help="the update is scaled by alpha / r"
+    )
+
+
 def main(
     argv: list[str] | None = None, layer_class: type[LoraLinear] = LoraLinear, name: str = "LoRA"
 ) -> None:
@@ -387,10 +400,7 @@ def main(
     parser = example_parser(
         f"Fine-tune a causal LM with our {name} to write the sentiment label after a review."
     )
-    parser.add_argument("--lora-r", type=positive_int, default=8, help="the rank r of every update")
-    parser.add_argument(
-        "--lora-alpha", type=positive_float, default=16, help="the update is scaled by alpha / r"
-    )
+    add_lora_arguments(parser)
     parser.add_argument(
         "--use-rslora", action="store_true", help="scale the update by alpha / sqrt(r), as rsLoRA does"
     )
