@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.backends.default import ops as default_ops
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.training import TrainConfig, enable_gradient_checkpointing, train
 from fieldguide.parameter_efficient.lora import (
     from_peft_state_dict,
@@ -77,11 +79,11 @@ def test_quantized_blocks_and_dequantized_weights_equal_bitsandbytes(shape, bloc
     assert torch.equal(ours.dequantize(dtype), bnb.dequantize_4bit(theirs, state))
 
 
-def test_rows_shorter_than_a_block_follow_bitsandbytes_pytorch_backend():
-    """bitsandbytes 0.50's C kernel for CPU dequantizes a weight whose rows are shorter than a
-    block differently from its own quantizer and from its PyTorch backend, which read the
-    weight as one row of blocks, as ours does. (Found while writing these tests; the PEFT
-    tests below use layers of 64 inputs or more, where the kernels agree.)"""
+def test_rows_that_are_not_whole_blocks_follow_bitsandbytes_pytorch_backend():
+    """bitsandbytes 0.50's AVX-512 C kernel for CPUs reads the absmax constants row by row, so it
+    dequantizes a weight whose rows are not a whole number of blocks differently from its own
+    quantizer and from its PyTorch backend, which read the weight as one row of blocks, as ours
+    does. (Found while writing these tests; the PEFT tests below use rows of whole blocks.)"""
     weight = normal_weight((16, 32))
     theirs, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     ours = Linear4bit(linear(weight), 64, double_quant=False).dequantize()
@@ -90,7 +92,8 @@ def test_rows_shorter_than_a_block_follow_bitsandbytes_pytorch_backend():
     pytorch_backend = getattr(compiled, "__wrapped__", compiled)
     expected = pytorch_backend(theirs.view(-1), state.absmax, state.code, 64, (16, 32), torch.float32)
     assert torch.equal(ours, expected)
-    assert not torch.equal(ours, bnb.dequantize_4bit(theirs, state))  # the C kernel's reading
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # where the C kernel runs
+        assert not torch.equal(ours, bnb.dequantize_4bit(theirs, state))
 
 
 def test_every_number_goes_to_the_nearest_code_value():
@@ -115,7 +118,7 @@ def test_double_quantization_matches_bitsandbytes():
     assert torch.equal(ours.offset, state.offset)
     assert torch.equal(ours.absmax2, state.state2.absmax)
     differ = ours.absmax != state.absmax
-    assert differ.float().mean() < 0.01
+    assert differ.sum() <= 0.003 * differ.numel()  # 9 of 5,120 on the machine this was written on
     assert (ours.absmax[differ].long() - state.absmax[differ].long()).abs().max() <= 1
     constants = ours.block_absmax()  # what the 8-bit indices stand for, ours then theirs
     ours.absmax.copy_(state.absmax)
@@ -171,7 +174,7 @@ def test_the_backward_pass_keeps_no_full_size_weight():
 def bnb_pair(tmp_path, double_quant: bool = False):
     """transformers' 4-bit loading plus PEFT's LoRA, and our QLoRA, on one random Llama, with
     the same random B in both."""
-    base = random_llama(hidden_size=64, intermediate_size=128)  # rows of a block or more (see above)
+    base = random_llama(hidden_size=64, intermediate_size=128)  # rows of whole blocks (see the test above)
     base.save_pretrained(tmp_path)
     config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -188,6 +191,11 @@ def bnb_pair(tmp_path, double_quant: bool = False):
             torch.nn.init.normal_(p, std=0.1, generator=generator)
     ours = add_qlora(copy.deepcopy(base), r=4, lora_alpha=8, double_quant=double_quant)
     load_adapter(ours, peft_adapter(theirs))
+    if double_quant:  # bitsandbytes' 8-bit constants, where its CPU kernel rounds differently
+        for name, layer in ours.named_modules():
+            if isinstance(layer, Linear4bit):
+                state = theirs.get_submodule(f"base_model.model.{name}").weight.quant_state
+                layer.absmax.copy_(state.absmax)
     # Training mode in both: bitsandbytes answers an evaluation-mode call on some CPUs with
     # another, repacked kernel.
     return theirs.train(), ours.train()
@@ -207,16 +215,17 @@ def token_batch() -> torch.Tensor:  # (3, 10) token ids
     return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
 
 
-def test_the_same_logits_as_peft_over_transformers_4bit_loading(tmp_path):
-    theirs, ours = bnb_pair(tmp_path)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["float32-constants", "double-quant"])
+def test_the_same_logits_as_peft_over_transformers_4bit_loading(tmp_path, double_quant):
+    theirs, ours = bnb_pair(tmp_path, double_quant)
     with torch.no_grad():
-        torch.testing.assert_close(
-            ours(token_batch()).logits, theirs(token_batch()).logits, atol=1e-5, rtol=0
-        )
+        assert torch.equal(ours(token_batch()).logits, theirs(token_batch()).logits)  # to the last bit
 
 
-def test_the_same_adapter_as_peft_after_the_same_training_steps(tmp_path):
-    theirs, ours = bnb_pair(tmp_path)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["float32-constants", "double-quant"])
+def test_the_same_adapter_as_peft_after_the_same_training_steps(tmp_path, double_quant):
+    theirs, ours = bnb_pair(tmp_path, double_quant)
+    start = {name: tensor.clone() for name, tensor in lora_state_dict(ours).items()}
     ids = token_batch()
     for model in (theirs, ours):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -226,6 +235,7 @@ def test_the_same_adapter_as_peft_after_the_same_training_steps(tmp_path):
             optimizer.zero_grad()
     mine, peft = lora_state_dict(ours), peft_adapter(theirs)
     assert max((mine[name] - peft[name]).abs().max() for name in mine) < 1e-4
+    assert min((mine[name] - start[name]).abs().max() for name in mine) > 1e-3  # every A and B moved
 
 
 def test_only_frozen_linear_layers_but_the_output_layer_are_quantized():
@@ -298,10 +308,18 @@ def test_merging_goes_through_a_dequantized_copy():
         torch.testing.assert_close(merged(token_batch()).logits, expected, atol=1e-5, rtol=0)
 
 
-def test_the_command_line_trains_and_saves_a_plain_model(tmp_path, capsys):
+def test_the_command_line_saves_the_adapter_and_the_merged_model(tmp_path, capsys):
     output = tmp_path / "qlora-model"
     main(["--max-steps", "2", "--batch-size", "4", "--output", str(output)])
     printed = capsys.readouterr().out
-    assert "NF4, 4.127 bits per weight" in printed and f"saved to {output}" in printed
-    saved = AutoModelForCausalLM.from_pretrained(output)
-    assert all(type(m) is not Linear4bit for m in saved.modules())
+    assert "after merging" in printed and f"saved to {output}" in printed
+    saved = AutoModelForCausalLM.from_pretrained(output).eval()
+    # The saved adapter on a freshly quantized base is the saved merged model.
+    base, _ = load_model("tiny")
+    adapter = load_file(output / "lora_adapter.safetensors")
+    assert max(t.abs().max() for name, t in adapter.items() if "lora_B" in name) > 0  # it trained
+    unmerged = load_adapter(add_qlora(base, r=8, lora_alpha=16), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            saved(token_batch()).logits, unmerged(token_batch()).logits, atol=1e-5, rtol=0
+        )

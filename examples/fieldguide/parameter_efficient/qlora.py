@@ -16,9 +16,11 @@ sentiment task, or on a real model with ``--model``::
 
 import functools
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -32,6 +34,7 @@ from fieldguide.lab.cli import (
 )
 from fieldguide.lab.experiment import Technique, run_technique
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
+from fieldguide.lab.memory import check_weights_fit
 from fieldguide.lab.stats import score
 from fieldguide.parameter_efficient.lora import (
     PRESETS,
@@ -39,12 +42,13 @@ from fieldguide.parameter_efficient.lora import (
     add_lora_arguments,
     keep_only_adapter,
     lora_fine_tuning,
+    lora_state_dict,
     merge_and_unload,
 )
 
 # The outermost probability of NF4's grid: its values are normal quantiles between 1 - 0.9677
-# and 0.9677, not out at 0 and 1, where the quantiles are infinite. bitsandbytes' constant;
-# it is 1 - (1/30 + 1/32) / 2 to seven digits.
+# and 0.9677, not out at 0 and 1, where the quantiles are infinite. bitsandbytes' constant,
+# which its source says was chosen by experiment.
 NF4_OFFSET = 0.9677083
 
 
@@ -312,10 +316,29 @@ def main(argv: list[str] | None = None) -> None:
     bits = storage_bits_per_weight(double_quant=not args.no_double_quant)
     print(f"{'base weights':22s} NF4, {bits:.3f} bits per weight")
     if args.output is not None:
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        merged = merge_and_unload(dequantize_linears(run.model, dtype))
-        print(f"{'after merging':22s} {score(technique.score(merged, tokenizer))}")
-        save_if_asked(args.output, merged, tokenizer)
+        save_merged(run.model, tokenizer, args.output, args.device, technique)
+
+
+def save_merged(model: nn.Module, tokenizer, output: Path, device: str, technique: Technique) -> None:
+    """``--output``: the adapter first, then the model merged into its dequantized base.
+
+    The merge happens in the computer's memory: the 16-bit model it makes may not fit on the
+    GPU that trained the 4-bit one. It is scored again on the GPU only if it fits there.
+    """
+    output.mkdir(parents=True, exist_ok=True)  # made empty by the command line's check, already
+    save_file(lora_state_dict(model), output / "lora_adapter.safetensors")  # kept, whatever happens next
+    dtype = next(
+        p for p in model.parameters() if p.is_floating_point()
+    ).dtype  # the base's, bfloat16 on a GPU
+    merged = merge_and_unload(dequantize_linears(model.to("cpu"), dtype))
+    if device == "cuda":
+        torch.cuda.empty_cache()  # what the 4-bit model held is free now
+    try:
+        check_weights_fit(merged, device)
+        print(f"{'after merging':22s} {score(technique.score(merged.to(device), tokenizer))}")
+    except ValueError as error:
+        print(f"{'after merging':22s} not scored again: {error}")
+    save_if_asked(output, merged.to("cpu"), tokenizer)
 
 
 if __name__ == "__main__":
