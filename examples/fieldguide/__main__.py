@@ -48,6 +48,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.qlora",
         "QLoRA from scratch: LoRA over a base frozen in 4-bit NF4",
     ),
+    "ia3": (
+        "fieldguide.parameter_efficient.ia3",
+        "IA3 from scratch: learned vectors that rescale keys, values and activations",
+    ),
 }
 
 

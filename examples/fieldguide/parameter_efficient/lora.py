@@ -34,6 +34,7 @@ from fieldguide.lab.cli import (
 )
 from fieldguide.lab.data import pad_batch
 from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
+from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes, sentiment_outcomes
 from fieldguide.lab.stats import score
@@ -131,40 +132,10 @@ def add_lora(
     ``"all-linear"``, as in PEFT, adapts every linear layer but the output layer.
     ``layer_class`` is a variant of ``LoraLinear`` to wrap them in instead (DoRA's).
     """
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [target_modules]  # one name, not its letters
-    if target_modules == "all-linear":
-        output_layer = model.get_output_embeddings()
-        targets = {name for name in linear_names(model) if name != output_layer_name(model, output_layer)}
-    else:
-        targets = set(target_modules)
     model.requires_grad_(False)  # everything but the new A and B stays as pretrained
-    chosen = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)
-    ]
-    if missing := sorted(targets - {name.rsplit(".", 1)[-1] for name, _ in chosen}):
-        # A misspelt target would otherwise leave that layer untrained, silently.
-        raise ValueError(f"no linear layer is named {missing}; the model's are named {linear_names(model)}")
-    for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent_name),
-            child,
-            layer_class(module, r, lora_alpha, lora_dropout, use_rslora),
-        )
-    return model
-
-
-def output_layer_name(model: nn.Module, output_layer: nn.Module | None) -> str | None:
-    """The last part of the output layer's name (``lm_head`` in Llama), or None."""
-    return next((name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_layer), None)
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """The distinct last names of a model's linear layers: what ``target_modules`` can name."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return replace_linear_layers(
+        model, target_modules, lambda name, layer: layer_class(layer, r, lora_alpha, lora_dropout, use_rslora)
+    )
 
 
 def lora_layers(model: nn.Module) -> list[LoraLinear]:
@@ -227,13 +198,7 @@ def keep_only_adapter(run):
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and put its base layer back: a plain model, as fast as the base."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
-            if not module.merged:
-                module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base_layer)
-    return model
+    return merge_and_unwrap(model, LoraLinear)
 
 
 # -- The lab's sentiment task, with LoRA ---------------------------------------------------------
