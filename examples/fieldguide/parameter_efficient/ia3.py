@@ -10,7 +10,7 @@ The names are PEFT's (``base_layer``, ``ia3_l``, ``is_feedforward``, ``feedforwa
 so PEFT's IA3 adapters load into these layers. Run it on the lab's sentiment task, or on a
 real model with ``--model``::
 
-    python -m fieldguide.parameter_efficient.ia3 --learning-rate 3e-2
+    python -m fieldguide.parameter_efficient.ia3 --max-steps 300
 """
 
 from collections.abc import Iterable
@@ -57,7 +57,7 @@ class IA3Linear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
-        """Equation (eq-ia3) of the page: ``W (l * x)`` for a feed-forward layer, ``l * (W x + b)`` otherwise."""
+        """Equation (eq-ia3) of the page: ``W (l * x) + b`` for a feed-forward layer, ``l * (W x + b)`` otherwise."""
         if self.merged:  # the weight holds the scaling already
             return self.base_layer(x)
         scale = self.ia3_l.flatten()  # (d_in,) or (d_out,)
