@@ -128,6 +128,13 @@ def test_a_bfloat16_base_keeps_float32_vectors_and_matches_peft():
         assert torch.equal(logits, theirs(token_batch()).logits)
 
 
+def test_all_linear_layers_with_a_feedforward_one():
+    model = add_ia3(random_llama(), "all-linear", ["down_proj"])
+    assert {type(layer.base_layer).__name__ for layer in ia3_layers(model)} == {"Linear"}
+    assert sorted({layer.is_feedforward for layer in ia3_layers(model)}) == [False, True]
+    assert len(ia3_layers(model)) == 2 * 7  # two blocks of seven linear layers, the output layer left out
+
+
 def test_a_fresh_adapter_leaves_the_model_unchanged():
     base = random_llama()
     with torch.no_grad():

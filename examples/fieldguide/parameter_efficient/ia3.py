@@ -28,7 +28,7 @@ from fieldguide.lab.cli import (
     training_config,
 )
 from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
-from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers
+from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
 from fieldguide.lab.stats import score
@@ -104,7 +104,7 @@ def add_ia3(
     ``IA3Config(target_modules=..., feedforward_modules=...)`` does; the feed-forward modules
     are scaled at their input, the others at their output."""
     feedforward = set(feedforward_modules)
-    if stray := feedforward - set(target_modules):  # PEFT refuses this too
+    if stray := feedforward - target_names(model, target_modules):  # PEFT refuses this too
         raise ValueError(f"feedforward_modules {sorted(stray)} must also be in target_modules")
     model.requires_grad_(False)
     return replace_linear_layers(

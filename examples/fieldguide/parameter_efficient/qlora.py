@@ -327,17 +327,17 @@ def save_merged(model: nn.Module, tokenizer, output: Path, device: str, techniqu
     """
     output.mkdir(parents=True, exist_ok=True)  # made empty by the command line's check, already
     save_file(lora_state_dict(model), output / "lora_adapter.safetensors")  # kept, whatever happens next
-    dtype = next(
-        p for p in model.parameters() if p.is_floating_point()
-    ).dtype  # the base's, bfloat16 on a GPU
+    # The base's precision (its embedding's): bfloat16 where a GPU trained it.
+    dtype = model.get_input_embeddings().weight.dtype
     merged = merge_and_unload(dequantize_linears(model.to("cpu"), dtype))
     if device == "cuda":
         torch.cuda.empty_cache()  # what the 4-bit model held is free now
     try:
         check_weights_fit(merged, device)
-        print(f"{'after merging':22s} {score(technique.score(merged.to(device), tokenizer))}")
     except ValueError as error:
         print(f"{'after merging':22s} not scored again: {error}")
+    else:
+        print(f"{'after merging':22s} {score(technique.score(merged.to(device), tokenizer))}")
     save_if_asked(output, merged.to("cpu"), tokenizer)
 
 
