@@ -55,3 +55,13 @@ def random_qwen2(seed: int = 0, vocab_size: int = 64) -> Qwen2ForCausalLM:
     """A random two-layer Qwen2: a Llama-like block whose query, key and value have biases."""
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **RANDOM_SHAPE)).eval()
+
+
+def adamw_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 5, lr: float = 1e-2) -> None:
+    """A few AdamW steps of next-token prediction on ``ids``: what the parity tests give ours
+    and the library's model alike before comparing their weights."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -13,6 +13,8 @@ from fieldguide.lab.experiment import (
     Technique,
     count_tokens,
     frozen_copy,
+    keep_only_adapter,
+    make_run,
     run_technique,
     step_seconds,
 )
@@ -190,3 +192,14 @@ def test_step_seconds_times_a_real_training_step_of_each_model(micro_model, micr
     for name, model in models.items():
         after = [p for p in model.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(after, before[name], strict=True)), name
+
+
+def test_keeping_only_the_adapter_drops_the_model_and_copies_its_tensors():
+    model = torch.nn.Linear(3, 2)
+    run = make_run(model, [1, 0], [1, 1], [0.5], 1.0, 10)
+    run.model, run.tokenizer = model, object()
+    kept = keep_only_adapter(run, lambda m: {"weight": m.weight})
+    assert kept.model is None and kept.tokenizer is None
+    assert torch.equal(kept.adapter["weight"], model.weight)
+    model.weight.data.zero_()  # a copy, not the live parameter
+    assert kept.adapter["weight"].abs().sum() > 0

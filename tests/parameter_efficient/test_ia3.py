@@ -18,7 +18,7 @@ from fieldguide.parameter_efficient.ia3 import (
     main,
     merge_and_unload,
 )
-from lab_factories import random_llama, random_qwen2
+from lab_factories import adamw_steps, random_llama, random_qwen2
 
 # target modules, feedforward modules
 CASES = [
@@ -91,11 +91,7 @@ def test_same_training_steps_give_the_same_vectors(targets, feedforward):
     start = {name: tensor.clone() for name, tensor in ia3_state_dict(ours).items()}
     ids = token_batch()
     for model in (theirs, ours):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(5):
-            model(ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        adamw_steps(model, ids)
     mine = ia3_state_dict(ours)
     peft = from_peft({n: p.detach() for n, p in theirs.named_parameters() if "ia3_l" in n})
     assert max((mine[name] - peft[name]).abs().max() for name in mine) < 1e-4

@@ -40,7 +40,7 @@ from fieldguide.parameter_efficient.qlora import (
     quantized_bytes,
     storage_bits_per_weight,
 )
-from lab_factories import random_llama, random_qwen2
+from lab_factories import adamw_steps, random_llama, random_qwen2
 
 
 def linear(weight: torch.Tensor, bias: bool = False) -> torch.nn.Linear:
@@ -228,11 +228,7 @@ def test_the_same_adapter_as_peft_after_the_same_training_steps(tmp_path, double
     start = {name: tensor.clone() for name, tensor in lora_state_dict(ours).items()}
     ids = token_batch()
     for model in (theirs, ours):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(5):
-            model(ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        adamw_steps(model, ids)
     mine, peft = lora_state_dict(ours), peft_adapter(theirs)
     assert max((mine[name] - peft[name]).abs().max() for name in mine) < 1e-4
     assert min((mine[name] - start[name]).abs().max() for name in mine) > 1e-3  # every A and B moved

@@ -259,6 +259,14 @@ def make_run(
     )
 
 
+def keep_only_adapter(run: Run, adapter_state_dict: Callable) -> Run:
+    """Keep a run's adapter tensors (``adapter_state_dict(run.model)``) and drop its model: the
+    cache keeps tensors, not a technique's own layers."""
+    run.adapter = {name: tensor.detach().clone() for name, tensor in adapter_state_dict(run.model).items()}
+    run.model = run.tokenizer = None
+    return run
+
+
 def plot_losses(ax, runs: dict, title: str) -> None:
     """Every loss figure on the site: one curve per run, on a log scale, on a matplotlib ``Axes``."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter

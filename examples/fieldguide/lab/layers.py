@@ -48,9 +48,7 @@ def replace_linear_layers(
     if missing := sorted(targets - {name.rsplit(".", 1)[-1] for name in chosen}):
         raise ValueError(f"no linear layer is named {missing}; the model's are named {linear_names(model)}")
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, replace(child, getattr(parent, child)))
+        model.set_submodule(name, replace(name.rsplit(".", 1)[-1], model.get_submodule(name)))
     return model
 
 
@@ -61,6 +59,5 @@ def merge_and_unwrap(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module
         if isinstance(module, layer_type):
             if not module.merged:
                 module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base_layer)
+            model.set_submodule(name, module.base_layer)
     return model

@@ -22,14 +22,14 @@ from torch import nn
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import main_guard
-from fieldguide.lab.experiment import run_technique
+from fieldguide.lab.experiment import keep_only_adapter, run_technique
 from fieldguide.lab.loading import load_model
 from fieldguide.parameter_efficient.lora import (
     PRESETS,
     LoraLinear,
     add_lora,
-    keep_only_adapter,
     lora_fine_tuning,
+    lora_state_dict,
 )
 from fieldguide.parameter_efficient.lora import main as lora_main
 
@@ -101,7 +101,7 @@ def run_dora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     model, tokenizer = load_model("tiny")
     technique = lora_fine_tuning(r, lora_alpha, layer_class=DoraLinear)
     run = run_technique(technique, model, tokenizer, replace(PRESETS.tiny, seed=seed), keep_model=True)
-    return keep_only_adapter(run)
+    return keep_only_adapter(run, lora_state_dict)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,13 @@ from fieldguide.lab.cli import (
     main_guard,
     training_config,
 )
-from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
+from fieldguide.lab.experiment import (
+    Presets,
+    Technique,
+    keep_only_adapter,
+    real_model_training,
+    run_technique,
+)
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
@@ -121,13 +127,6 @@ def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if name.endswith(".ia3_l")}
 
 
-def keep_only_adapter(run):
-    """Keep a run's vectors and drop its model: the cache keeps tensors, not our layers."""
-    run.adapter = {name: tensor.detach().clone() for name, tensor in ia3_state_dict(run.model).items()}
-    run.model = run.tokenizer = None
-    return run
-
-
 # -- The lab's sentiment task, with IA3 ----------------------------------------------------------
 
 # The learning rates the page tries, on a validation split of the training reviews.
@@ -158,11 +157,10 @@ def run_ia3_on_validation(learning_rate: float):
     tuning = split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
     model, tokenizer = load_model("tiny")
     config = replace(PRESETS.tiny, learning_rate=learning_rate)
-    return keep_only_adapter(
-        run_technique(
-            ia3_fine_tuning(tuning.train, tuning.heldout), model, tokenizer, config, keep_model=True
-        )
+    run = run_technique(
+        ia3_fine_tuning(tuning.train, tuning.heldout), model, tokenizer, config, keep_model=True
     )
+    return keep_only_adapter(run, ia3_state_dict)
 
 
 def choose_learning_rate(rates: Iterable[float] = LEARNING_RATES) -> float:
@@ -176,9 +174,10 @@ def run_ia3(seed: int = 0):
     split = sentiment_task()
     model, tokenizer = load_model("tiny")
     config = replace(PRESETS.tiny, seed=seed)
-    return keep_only_adapter(
-        run_technique(ia3_fine_tuning(split.train, split.heldout), model, tokenizer, config, keep_model=True)
+    run = run_technique(
+        ia3_fine_tuning(split.train, split.heldout), model, tokenizer, config, keep_model=True
     )
+    return keep_only_adapter(run, ia3_state_dict)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

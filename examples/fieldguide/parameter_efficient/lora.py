@@ -33,7 +33,13 @@ from fieldguide.lab.cli import (
     training_config,
 )
 from fieldguide.lab.data import pad_batch
-from fieldguide.lab.experiment import Presets, Technique, real_model_training, run_technique
+from fieldguide.lab.experiment import (
+    Presets,
+    Technique,
+    keep_only_adapter,
+    real_model_training,
+    run_technique,
+)
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes, sentiment_outcomes
@@ -189,13 +195,6 @@ def load_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> nn.Modul
     return model
 
 
-def keep_only_adapter(run):
-    """Keep a run's adapter (A and B) and drop its model: the cache keeps tensors, not our layers."""
-    run.adapter = {name: tensor.detach().clone() for name, tensor in lora_state_dict(run.model).items()}
-    run.model = run.tokenizer = None
-    return run
-
-
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and put its base layer back: a plain model, as fast as the base."""
     return merge_and_unwrap(model, LoraLinear)
@@ -244,7 +243,9 @@ def run_lora(
     model, tokenizer = load_model("tiny")
     technique = lora_fine_tuning(r, lora_alpha, target_modules, use_rslora)
     config = replace(PRESETS.tiny, seed=seed)
-    return keep_only_adapter(run_technique(technique, model, tokenizer, config, keep_model=True))
+    return keep_only_adapter(
+        run_technique(technique, model, tokenizer, config, keep_model=True), lora_state_dict
+    )
 
 
 # -- What r and alpha do -----------------------------------------------------------------------
@@ -333,7 +334,7 @@ def run_instruction_lora():
     """An instruction adapter on the tiny model: rank 8 on every linear layer, as the review one."""
     model, tokenizer = load_model("tiny")
     run = run_technique(instruction_lora(), model, tokenizer, INSTRUCTION_PRESET, keep_model=True)
-    return keep_only_adapter(run)
+    return keep_only_adapter(run, lora_state_dict)
 
 
 def peft_model_with(base: torch.nn.Module, adapters: dict, r: int = 8, lora_alpha: float = 16) -> PeftModel:

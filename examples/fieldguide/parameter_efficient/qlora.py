@@ -32,7 +32,7 @@ from fieldguide.lab.cli import (
     main_guard,
     training_config,
 )
-from fieldguide.lab.experiment import Technique, run_technique
+from fieldguide.lab.experiment import Technique, keep_only_adapter, run_technique
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.memory import check_weights_fit
 from fieldguide.lab.stats import score
@@ -40,7 +40,6 @@ from fieldguide.parameter_efficient.lora import (
     PRESETS,
     add_lora,
     add_lora_arguments,
-    keep_only_adapter,
     lora_fine_tuning,
     lora_state_dict,
     merge_and_unload,
@@ -202,9 +201,7 @@ def quantize_frozen_linears(
         if isinstance(module, nn.Linear) and module is not output_layer and not module.weight.requires_grad
     ]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Linear4bit(getattr(parent, child), blocksize, double_quant, device))
+        model.set_submodule(name, Linear4bit(model.get_submodule(name), blocksize, double_quant, device))
     return model.to(device) if device else model
 
 
@@ -222,8 +219,7 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
             linear.weight = nn.Parameter(module.dequantize(dtype), requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, linear)
+            model.set_submodule(name, linear)
     return model
 
 
@@ -291,7 +287,7 @@ def run_qlora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     model, tokenizer = load_model("tiny")
     technique = qlora_fine_tuning(r, lora_alpha)
     run = run_technique(technique, model, tokenizer, replace(PRESETS.tiny, seed=seed), keep_model=True)
-    return keep_only_adapter(run)
+    return keep_only_adapter(run, lora_state_dict)
 
 
 def main(argv: list[str] | None = None) -> None:
