@@ -52,6 +52,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.ia3",
         "IA3 from scratch: learned vectors that rescale keys, values and activations",
     ),
+    "adapters": (
+        "fieldguide.parameter_efficient.adapters",
+        "bottleneck adapters from scratch: a small network after each sublayer",
+    ),
     "prompt-tuning": (
         "fieldguide.parameter_efficient.prompt_tuning",
         "prompt tuning from scratch: a trained soft prompt in front of a frozen model",
