@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
+    best_learning_rate,
     count_tokens,
     frozen_copy,
     keep_only_adapter,
@@ -203,3 +204,9 @@ def test_keeping_only_the_adapter_drops_the_model_and_copies_its_tensors():
     assert torch.equal(kept.adapter["weight"], model.weight)
     model.weight.data.zero_()  # a copy, not the live parameter
     assert kept.adapter["weight"].abs().sum() > 0
+
+
+def test_the_best_learning_rate_is_the_best_scored_and_the_lower_on_a_tie():
+    scores = {1e-3: 0.6, 3e-3: 0.9, 1e-2: 0.9, 3e-2: 0.5}
+    assert best_learning_rate(scores.get, scores) == 3e-3
+    assert best_learning_rate(scores.get, [3e-2, 1e-3]) == 1e-3

@@ -19,6 +19,7 @@ from fieldguide.lab.tasks import (
     preference_task,
     sentiment_key,
     sentiment_task,
+    sentiment_validation_split,
     split_by_key,
     verbalized_example,
 )
@@ -92,3 +93,12 @@ def test_verbalized_example_is_what_the_zero_shot_metric_scores(tiny):
     answer = tokenizer(" " + SENTIMENT_LABELS[0], add_special_tokens=False)["input_ids"]
     assert example["input_ids"] == prompt + answer
     assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+
+
+def test_the_validation_split_carves_whole_word_sets_out_of_the_training_reviews():
+    train = sentiment_task().train
+    split = sentiment_validation_split()
+    assert sorted(split.train + split.heldout, key=repr) == sorted(train, key=repr)
+    train_keys = {sentiment_key(ex) for ex in split.train}
+    assert train_keys.isdisjoint(sentiment_key(ex) for ex in split.heldout)
+    assert 0.1 < len(split.heldout) / len(train) < 0.3  # about a fifth, counted in word sets

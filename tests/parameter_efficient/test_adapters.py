@@ -70,6 +70,28 @@ def test_an_adapter_reads_each_sublayers_output_before_the_residual_adds_it():
         assert (first, second) == ("base", "down") and torch.equal(base_out, down_in)
 
 
+@pytest.mark.parametrize("base", [random_llama, random_qwen2], ids=["llama", "qwen2"])
+def test_the_residual_stream_adds_the_adapters_output(base):
+    """What a block adds to its residual stream is h' itself: the adapter sits before the addition."""
+    model = moved(add_adapters(base(), 4))
+    block = model.model.layers[0]
+    seen = {}
+    block.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(x=kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True,
+    )
+    block.self_attn.o_proj.register_forward_hook(lambda m, args, out: seen.update(attention=out))
+    block.post_attention_layernorm.register_forward_pre_hook(lambda m, args: seen.update(mid=args[0]))
+    block.mlp.down_proj.register_forward_hook(lambda m, args, out: seen.update(mlp=out))
+    block.register_forward_hook(
+        lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        model(token_batch())
+    torch.testing.assert_close(seen["mid"], seen["x"] + seen["attention"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(seen["out"], seen["mid"] + seen["mlp"], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("bottleneck_size", [1, 4, 16])
 @pytest.mark.parametrize("train_norms", [True, False], ids=["with-norms", "adapters-only"])
 def test_the_count_is_the_papers_formula(bottleneck_size, train_norms):

@@ -36,7 +36,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -44,6 +44,7 @@ from transformers import PreTrainedModel
 
 from fieldguide.lab.cli import TINY
 from fieldguide.lab.data import pad_batch
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.memory import check_memory
 from fieldguide.lab.stats import Score, paired_score, score
 from fieldguide.lab.training import (
@@ -265,6 +266,20 @@ def keep_only_adapter(run: Run, adapter_state_dict: Callable) -> Run:
     run.adapter = {name: tensor.detach().clone() for name, tensor in adapter_state_dict(run.model).items()}
     run.model = run.tokenizer = None
     return run
+
+
+def run_on_tiny_model(technique: Technique, config: TrainConfig, adapter_state_dict: Callable) -> Run:
+    """``run_technique`` on a fresh copy of the lab's tiny model, keeping only the adapter's
+    tensors (``adapter_state_dict(model)``): the run a technique page caches and reports."""
+    model, tokenizer = load_model("tiny")
+    run = run_technique(technique, model, tokenizer, config, keep_model=True)
+    return keep_only_adapter(run, adapter_state_dict)
+
+
+def best_learning_rate(validation_score: Callable[[float], float], rates: Iterable[float]) -> float:
+    """The rate whose run scores best on validation (``validation_score(rate)``); the lower
+    rate on a tie, the safer of two that did equally well."""
+    return max(rates, key=lambda rate: (validation_score(rate), -rate))
 
 
 def plot_losses(ax, runs: dict, title: str) -> None:

@@ -131,6 +131,13 @@ INSTRUCTIONS = {
 }
 
 
+def sentiment_validation_split() -> Split[ClassificationExample]:
+    """The training reviews split for choosing settings: four fifths to train on, and a fifth
+    of their word sets, held back whole as the held-out split's are, to score on. A setting
+    chosen on it never saw a held-out review."""
+    return split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
+
+
 def instruction_key(example: InstructionExample) -> tuple[str, ...]:
     """The words a command is about, order aside, as a sorted tuple."""
     return tuple(sorted(example.prompt.split(": ", 1)[1].split()))

@@ -22,8 +22,7 @@ from torch import nn
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import main_guard
-from fieldguide.lab.experiment import keep_only_adapter, run_technique
-from fieldguide.lab.loading import load_model
+from fieldguide.lab.experiment import run_on_tiny_model
 from fieldguide.parameter_efficient.lora import (
     PRESETS,
     LoraLinear,
@@ -98,10 +97,8 @@ def add_dora(model: nn.Module, target_modules: Iterable[str] | str = "all-linear
 @cached  # the page's doctests share one run per setting
 def run_dora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     """Our DoRA on the tiny model, with LoRA's tiny preset: 600 steps of 16 reviews at 3e-3."""
-    model, tokenizer = load_model("tiny")
     technique = lora_fine_tuning(r, lora_alpha, layer_class=DoraLinear)
-    run = run_technique(technique, model, tokenizer, replace(PRESETS.tiny, seed=seed), keep_model=True)
-    return keep_only_adapter(run, lora_state_dict)
+    return run_on_tiny_model(technique, replace(PRESETS.tiny, seed=seed), lora_state_dict)
 
 
 def main(argv: list[str] | None = None) -> None:

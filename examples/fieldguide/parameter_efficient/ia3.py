@@ -30,19 +30,19 @@ from fieldguide.lab.cli import (
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    keep_only_adapter,
+    best_learning_rate,
     real_model_training,
+    run_on_tiny_model,
     run_technique,
 )
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names
-from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
+from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
 from fieldguide.lab.stats import score
 from fieldguide.lab.tasks import (
     ClassificationExample,
-    sentiment_key,
     sentiment_task,
-    split_by_key,
+    sentiment_validation_split,
     verbalized_example,
 )
 from fieldguide.lab.training import TrainConfig
@@ -154,30 +154,22 @@ def ia3_fine_tuning(train: list[ClassificationExample], scored: list[Classificat
 def run_ia3_on_validation(learning_rate: float):
     """IA3 trained on four fifths of the training reviews and scored on the other fifth (whole
     word sets held back, as the held-out split does): a rate chosen here never saw a held-out review."""
-    tuning = split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
-    model, tokenizer = load_model("tiny")
+    tuning = sentiment_validation_split()
     config = replace(PRESETS.tiny, learning_rate=learning_rate)
-    run = run_technique(
-        ia3_fine_tuning(tuning.train, tuning.heldout), model, tokenizer, config, keep_model=True
-    )
-    return keep_only_adapter(run, ia3_state_dict)
+    return run_on_tiny_model(ia3_fine_tuning(tuning.train, tuning.heldout), config, ia3_state_dict)
 
 
 def choose_learning_rate(rates: Iterable[float] = LEARNING_RATES) -> float:
     """The rate with the best validation accuracy (the lower rate on a tie)."""
-    return max(rates, key=lambda rate: (run_ia3_on_validation(rate).after.value, -rate))
+    return best_learning_rate(lambda rate: run_ia3_on_validation(rate).after.value, rates)
 
 
 @cached
 def run_ia3(seed: int = 0):
     """Our IA3 on the tiny model at the preset's rate, scored on the lab's held-out reviews."""
     split = sentiment_task()
-    model, tokenizer = load_model("tiny")
     config = replace(PRESETS.tiny, seed=seed)
-    run = run_technique(
-        ia3_fine_tuning(split.train, split.heldout), model, tokenizer, config, keep_model=True
-    )
-    return keep_only_adapter(run, ia3_state_dict)
+    return run_on_tiny_model(ia3_fine_tuning(split.train, split.heldout), config, ia3_state_dict)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -36,8 +36,8 @@ from fieldguide.lab.data import pad_batch
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    keep_only_adapter,
     real_model_training,
+    run_on_tiny_model,
     run_technique,
 )
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers
@@ -240,12 +240,8 @@ def run_lora(
     seed: int = 0,
 ):
     """Our LoRA on the tiny model, trained with the tiny preset."""
-    model, tokenizer = load_model("tiny")
     technique = lora_fine_tuning(r, lora_alpha, target_modules, use_rslora)
-    config = replace(PRESETS.tiny, seed=seed)
-    return keep_only_adapter(
-        run_technique(technique, model, tokenizer, config, keep_model=True), lora_state_dict
-    )
+    return run_on_tiny_model(technique, replace(PRESETS.tiny, seed=seed), lora_state_dict)
 
 
 # -- What r and alpha do -----------------------------------------------------------------------
@@ -332,9 +328,7 @@ def instruction_lora(r: int = 8, lora_alpha: float = 16) -> Technique:
 @cached  # the page's doctests and the merging page share the one run
 def run_instruction_lora():
     """An instruction adapter on the tiny model: rank 8 on every linear layer, as the review one."""
-    model, tokenizer = load_model("tiny")
-    run = run_technique(instruction_lora(), model, tokenizer, INSTRUCTION_PRESET, keep_model=True)
-    return keep_only_adapter(run, lora_state_dict)
+    return run_on_tiny_model(instruction_lora(), INSTRUCTION_PRESET, lora_state_dict)
 
 
 def peft_model_with(base: torch.nn.Module, adapters: dict, r: int = 8, lora_alpha: float = 16) -> PeftModel:

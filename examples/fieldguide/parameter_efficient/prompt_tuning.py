@@ -11,6 +11,7 @@ PEFT and back. Run it on the lab's sentiment task, or on a real model with ``--m
 """
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,18 +33,18 @@ from fieldguide.lab.data import IGNORE_INDEX
 from fieldguide.lab.experiment import (
     Presets,
     Technique,
-    keep_only_adapter,
+    best_learning_rate,
     plot_losses,
     real_model_training,
+    run_on_tiny_model,
     run_technique,
 )
-from fieldguide.lab.loading import load_model, parse_and_load
+from fieldguide.lab.loading import parse_and_load
 from fieldguide.lab.metrics import sentiment_outcomes
 from fieldguide.lab.tasks import (
     ClassificationExample,
-    sentiment_key,
     sentiment_task,
-    split_by_key,
+    sentiment_validation_split,
     verbalized_example,
 )
 from fieldguide.lab.training import TrainConfig, enable_gradient_checkpointing
@@ -195,18 +196,14 @@ def prompt_tuning(
 def run_prompt_tuning_on_validation(learning_rate: float):
     """Prompt tuning on four fifths of the training reviews, scored on the other fifth (whole
     word sets held back): a rate chosen here never saw a held-out review."""
-    tuning = split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
-    model, tokenizer = load_model("tiny")
+    tuning = sentiment_validation_split()
     config = replace(PRESETS.tiny, learning_rate=learning_rate)
-    run = run_technique(
-        prompt_tuning(tuning.train, tuning.heldout), model, tokenizer, config, keep_model=True
-    )
-    return keep_only_adapter(run, prompt_tuning_state_dict)
+    return run_on_tiny_model(prompt_tuning(tuning.train, tuning.heldout), config, prompt_tuning_state_dict)
 
 
-def choose_learning_rate(rates=LEARNING_RATES) -> float:
+def choose_learning_rate(rates: Iterable[float] = LEARNING_RATES) -> float:
     """The rate with the best validation accuracy (the lower rate on a tie)."""
-    return max(rates, key=lambda rate: (run_prompt_tuning_on_validation(rate).after.value, -rate))
+    return best_learning_rate(lambda rate: run_prompt_tuning_on_validation(rate).after.value, rates)
 
 
 def loss_figure(ax) -> None:
@@ -216,15 +213,11 @@ def loss_figure(ax) -> None:
 
 
 @cached
-def run_prompt_tuning(init_text: str | None = INIT_TEXT, seed: int = 0):
-    """Our prompt tuning on the tiny model at the preset's rate, scored on the held-out reviews;
-    ``init_text=None`` starts the prompt at random instead."""
+def run_prompt_tuning(seed: int = 0):
+    """Our prompt tuning on the tiny model at the preset's rate, scored on the held-out reviews."""
     split = sentiment_task()
-    model, tokenizer = load_model("tiny")
     config = replace(PRESETS.tiny, seed=seed)
-    technique = prompt_tuning(split.train, split.heldout, init_text=init_text)
-    run = run_technique(technique, model, tokenizer, config, keep_model=True)
-    return keep_only_adapter(run, prompt_tuning_state_dict)
+    return run_on_tiny_model(prompt_tuning(split.train, split.heldout), config, prompt_tuning_state_dict)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,8 +32,8 @@ from fieldguide.lab.cli import (
     main_guard,
     training_config,
 )
-from fieldguide.lab.experiment import Technique, keep_only_adapter, run_technique
-from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
+from fieldguide.lab.experiment import Technique, run_on_tiny_model, run_technique
+from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.memory import check_weights_fit
 from fieldguide.lab.stats import score
 from fieldguide.parameter_efficient.lora import (
@@ -284,10 +284,8 @@ def qlora_fine_tuning(r: int = 8, lora_alpha: float = 16, double_quant: bool = T
 @cached  # the page's doctests share one run
 def run_qlora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     """Our QLoRA on the tiny model, with LoRA's tiny preset: 600 steps of 16 reviews at 3e-3."""
-    model, tokenizer = load_model("tiny")
     technique = qlora_fine_tuning(r, lora_alpha)
-    run = run_technique(technique, model, tokenizer, replace(PRESETS.tiny, seed=seed), keep_model=True)
-    return keep_only_adapter(run, lora_state_dict)
+    return run_on_tiny_model(technique, replace(PRESETS.tiny, seed=seed), lora_state_dict)
 
 
 def main(argv: list[str] | None = None) -> None:
