@@ -119,6 +119,13 @@ def sentiment_task(seed: int = 0) -> Split[ClassificationExample]:
     return Split(train=examples(train), heldout=examples(heldout))
 
 
+def sentiment_validation_split() -> Split[ClassificationExample]:
+    """The training reviews split for choosing settings: four fifths to train on, and a fifth
+    of their word sets, held back whole as the held-out split's are, to score on. A setting
+    chosen on it never saw a held-out review."""
+    return split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
+
+
 # -- Instructions ------------------------------------------------------------------------------
 
 # Each instruction maps a list of words to an answer. The rules are easy to state and check,
@@ -129,13 +136,6 @@ INSTRUCTIONS = {
     "reverse": lambda words: words[::-1],
     "last word of": lambda words: words[-1:],
 }
-
-
-def sentiment_validation_split() -> Split[ClassificationExample]:
-    """The training reviews split for choosing settings: four fifths to train on, and a fifth
-    of their word sets, held back whole as the held-out split's are, to score on. A setting
-    chosen on it never saw a held-out review."""
-    return split_by_key(sentiment_task().train, sentiment_key, heldout_share=0.2, seed=0)
 
 
 def instruction_key(example: InstructionExample) -> tuple[str, ...]:

@@ -65,7 +65,8 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
         """The sublayer's output ``h`` plus ``W_up f(W_down h + b_down) + b_up``."""
         h = self.base_layer(x)  # (..., d): what the sublayer would add to the residual stream
-        bottleneck = self.non_linearity(self.adapter_down(h.to(self.adapter_down.weight.dtype)))  # (..., m)
+        down = self.adapter_down(h.to(self.adapter_down.weight.dtype))  # (..., d_bn), in float32
+        bottleneck = self.non_linearity(down)
         return h + self.adapter_up(bottleneck).to(h.dtype)  # the adapter's own skip connection
 
 
