@@ -115,9 +115,9 @@ BOTTLENECK_SIZE = 32  # d_bn: about as many trained numbers as LoRA's rank 8 on 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)  # the rates the page tries, on a validation split
 
 PRESETS = Presets(
-    # 1,000 steps of 16 reviews (at LoRA's 600 the loss was still falling at the best rate, and
-    # validation accuracy was 0.738); the rate is the one the page's search on the validation
-    # split chose (see choose_learning_rate).
+    # 1,000 steps of 16 reviews (at LoRA's 600 the loss was still falling at the best rate);
+    # the rate is the one the page's search on the validation split chose (see
+    # choose_learning_rate).
     tiny=TrainConfig(max_steps=1000, batch_size=16, learning_rate=3e-3),
     # A real model: LoRA's real-model rate, inside the paper's GLUE search (3e-5, 3e-4, 3e-3,
     # with Adam, on BERT); untested here.
