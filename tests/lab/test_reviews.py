@@ -3,9 +3,11 @@
 import pytest
 
 from fieldguide.lab.reviews import (
+    HELDOUT_KINDS,
     UNSEEN_NEGATIONS,
     all_reviews,
     heldout_keys,
+    heldout_kind,
     review_key,
     review_split,
     three_clause_reviews,
@@ -70,3 +72,15 @@ def test_both_splits_are_balanced():
     for reviews in review_split():
         share_good = sum(label for _, label in reviews) / len(reviews)
         assert abs(share_good - 0.5) < 0.03, share_good
+
+
+def test_every_heldout_review_is_of_one_kind_and_the_kinds_are_the_splits_parts():
+    _, heldout = review_split()
+    of_kind = {
+        kind: {review for review, _ in heldout if heldout_kind(review) == kind} for kind in HELDOUT_KINDS
+    }
+    assert of_kind[HELDOUT_KINDS[2]] == {review for review, _ in three_clause_reviews()}
+    negating = of_kind[HELDOUT_KINDS[1]]
+    assert negating and all(any(f"not {w}" in r for w in UNSEEN_NEGATIONS) for r in negating)
+    assert of_kind[HELDOUT_KINDS[0]] and sum(map(len, of_kind.values())) == len(heldout)
+    assert heldout_kind("the pear is fresh but stale.") == HELDOUT_KINDS[0]  # a sentence holding one

@@ -117,6 +117,20 @@ def three_clause_reviews(count: int = 200) -> list[tuple[str, int]]:
     return sorted(reviews)
 
 
+# The held-out split's three kinds of review, each a different way to generalise.
+HELDOUT_KINDS = ("two clauses, new word sets", "a word never negated in training", "three clauses")
+
+
+def heldout_kind(review: str) -> str:
+    """Which of ``HELDOUT_KINDS`` a held-out review (or a sentence containing one) is: the
+    pages score each kind apart, since an average over them hides where a method fails."""
+    if review.count(" but ") + review.count(" and ") == 2:
+        return HELDOUT_KINDS[2]
+    if any(f"not {word}" in review for word in UNSEEN_NEGATIONS):
+        return HELDOUT_KINDS[1]
+    return HELDOUT_KINDS[0]
+
+
 def review_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(training reviews, held-out reviews), each a list of (review, label).
 
