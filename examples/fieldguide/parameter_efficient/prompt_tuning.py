@@ -136,16 +136,14 @@ def prompt_tuning_state_dict(model: PromptTuningModel) -> dict[str, torch.Tensor
         return {"prompt_embeddings": model.get_prompt(1)[0].detach().clone()}  # (n, d)
 
 
-def save_prompt(
-    model: PromptTuningModel, directory: Path, base_name: str | None, peft_type: str = "PROMPT_TUNING"
-) -> None:
+def save_prompt(model: PromptTuningModel, directory: Path, base_name: str | None) -> None:
     """Save the soft prompt as a PEFT adapter: ``PeftModel.from_pretrained(base, directory)`` loads
     it. ``base_name`` is the base model's Hub id or directory (None for the lab's tiny model)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file(prompt_tuning_state_dict(model), directory / "adapter_model.safetensors")
     config = model.base_model.config
     peft_config = {  # the fields PEFT's PromptTuningConfig reads back; the prompt is stored already made
-        "peft_type": peft_type,
+        "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
         "num_virtual_tokens": model.num_virtual_tokens,
