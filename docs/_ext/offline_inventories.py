@@ -66,6 +66,7 @@ INVENTORIES = {
             ),
             ("transformers.LlamaForCausalLM", "py:class", "model_doc/llama#transformers.LlamaForCausalLM"),
             ("transformers.LlamaConfig", "py:class", "model_doc/llama#transformers.LlamaConfig"),
+            ("transformers.Qwen2ForCausalLM", "py:class", "model_doc/qwen2#transformers.Qwen2ForCausalLM"),
         ],
     ),
     "peft": (

@@ -16,6 +16,7 @@ from fieldguide.lab.experiment import (
     frozen_copy,
     keep_only_adapter,
     make_run,
+    plateau_left_at,
     run_technique,
     step_seconds,
 )
@@ -210,3 +211,12 @@ def test_the_best_learning_rate_is_the_best_scored_and_the_lower_on_a_tie():
     scores = {1e-3: 0.6, 3e-3: 0.9, 1e-2: 0.9, 3e-2: 0.5}
     assert best_learning_rate(scores.get, scores) == 3e-3
     assert best_learning_rate(scores.get, [3e-2, 1e-3]) == 1e-3
+
+
+def test_plateau_left_at_finds_the_first_window_below_the_line():
+    losses = [0.69] * 100 + [0.1] * 100
+    # The window's mean first drops below 0.6 once 8 of its 50 losses are 0.1: step 108.
+    assert plateau_left_at(losses) == 108
+    assert plateau_left_at(losses, window=1) == 101
+    assert plateau_left_at([0.69] * 200) is None
+    assert plateau_left_at([0.1] * 10) is None  # shorter than one window

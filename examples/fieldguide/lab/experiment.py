@@ -282,6 +282,20 @@ def best_learning_rate(validation_score: Callable[[float], float], rates: Iterab
     return max(rates, key=lambda rate: (validation_score(rate), -rate))
 
 
+def plateau_left_at(losses: list[float], window: int = 50, below: float = 0.6) -> int | None:
+    """The first step at which the mean of the last ``window`` losses is below ``below``; None
+    if it never is. On the lab's two-label tasks a run first learns that the answer is one of
+    two words, a loss of log 2 (about 0.69), and may stay there long before it learns which."""
+    return next(
+        (
+            step
+            for step in range(window, len(losses) + 1)
+            if sum(losses[step - window : step]) / window < below
+        ),
+        None,
+    )
+
+
 def plot_losses(ax, runs: dict, title: str) -> None:
     """Every loss figure on the site: one curve per run, on a log scale, on a matplotlib ``Axes``."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter

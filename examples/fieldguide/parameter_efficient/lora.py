@@ -238,10 +238,13 @@ def run_lora(
     target_modules: tuple[str, ...] | str = "all-linear",
     use_rslora: bool = False,
     seed: int = 0,
+    max_steps: int | None = None,
 ):
-    """Our LoRA on the tiny model, trained with the tiny preset."""
+    """Our LoRA on the tiny model, trained with the tiny preset (for ``max_steps`` steps, if
+    given: another page's budget, to compare with it at equal length)."""
     technique = lora_fine_tuning(r, lora_alpha, target_modules, use_rslora)
-    return run_on_tiny_model(technique, replace(PRESETS.tiny, seed=seed), lora_state_dict)
+    config = replace(PRESETS.tiny, seed=seed, max_steps=max_steps or PRESETS.tiny.max_steps)
+    return run_on_tiny_model(technique, config, lora_state_dict)
 
 
 # -- What r and alpha do -----------------------------------------------------------------------
