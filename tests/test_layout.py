@@ -25,6 +25,9 @@ EXTENSIONS: dict[str, set[str]] = {
     "fieldguide.parameter_efficient.qlora": {
         "fieldguide.parameter_efficient.lora"
     },  # QLoRA is LoRA over a 4-bit base
+    "fieldguide.parameter_efficient.merging": {
+        "fieldguide.parameter_efficient.lora"
+    },  # merging merges the LoRA page's adapters
 }
 
 

@@ -46,6 +46,7 @@ INVENTORIES = {
             ("torch.nn.modules.linear.Linear", "py:class", "generated/torch.nn.Linear.html#torch.nn.Linear"),
             ("torch.device", "py:class", "tensor_attributes.html#torch.device"),
             ("torch.dtype", "py:class", "tensor_attributes.html#torch.dtype"),
+            ("torch.Generator", "py:class", "generated/torch.Generator.html#torch.Generator"),
             ("torch.optim.Optimizer", "py:class", "optim.html#torch.optim.Optimizer"),
         ],
     ),

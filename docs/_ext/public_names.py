@@ -12,6 +12,7 @@ from sphinx.ext import intersphinx
 ALIASES = {
     "torch.nn.modules.module.Module": "torch.nn.Module",
     "torch.optim.optimizer.Optimizer": "torch.optim.Optimizer",
+    "torch._C.Generator": "torch.Generator",
     # In transformers 5, PreTrainedTokenizerFast is another name of TokenizersBackend.
     "transformers.tokenization_utils_tokenizers.TokenizersBackend": "transformers.PreTrainedTokenizerFast",
 }
