@@ -9,6 +9,7 @@ from fieldguide.lab.layers import (
     output_layer_name,
     replace_linear_layers,
     target_names,
+    trained_state_dict,
 )
 from lab_factories import random_llama
 
@@ -63,3 +64,13 @@ def test_merging_and_unwrapping_leaves_a_plain_model_with_the_same_outputs():
         merge_and_unwrap(model, Doubled)
         assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear"]
         torch.testing.assert_close(model(x), expected)
+
+
+def test_trained_state_dict_keeps_the_trainable_tensors_and_nothing_else():
+    model = random_llama().requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)
+    model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
+    kept = trained_state_dict(model)
+    assert sorted(kept) == ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+    assert torch.equal(kept["model.norm.weight"], model.model.norm.weight)
+    assert trained_state_dict(model.requires_grad_(False)) == {}

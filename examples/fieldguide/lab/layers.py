@@ -8,6 +8,7 @@ PEFT names the layers to adapt by the last part of their module name, ``target_m
 
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 
@@ -61,3 +62,10 @@ def merge_and_unwrap(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module
                 module.merge()
             model.set_submodule(name, module.base_layer)
     return model
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``model``'s trainable parameters, under their state-dict names: the adapter
+    of a method that trains parameters of its own choosing (adapters and gains, biases)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}

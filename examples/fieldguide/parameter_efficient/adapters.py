@@ -35,7 +35,7 @@ from fieldguide.lab.experiment import (
     run_on_tiny_model,
     run_technique,
 )
-from fieldguide.lab.layers import replace_linear_layers
+from fieldguide.lab.layers import replace_linear_layers, trained_state_dict
 from fieldguide.lab.loading import parse_and_load
 from fieldguide.lab.metrics import sentiment_outcomes
 from fieldguide.lab.tasks import (
@@ -105,8 +105,7 @@ def add_adapters(
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what trained: the adapters' weights and biases, and the normalisation gains."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}
+    return trained_state_dict(model)
 
 
 # -- The lab's sentiment task, with adapters ---------------------------------------------------

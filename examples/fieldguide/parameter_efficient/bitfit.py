@@ -36,7 +36,7 @@ from fieldguide.lab.experiment import (
     run_on_tiny_model,
     run_technique,
 )
-from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names
+from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names, trained_state_dict
 from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
 from fieldguide.lab.stats import score
@@ -134,8 +134,7 @@ def train_biases(model: nn.Module) -> nn.Module:
 def bias_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what trained: every ``beft_bias`` (PEFT's names less ``base_model.model.``) and
     every trained bias."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}
+    return trained_state_dict(model)
 
 
 def as_qwen2(model: nn.Module) -> Qwen2ForCausalLM:
