@@ -129,6 +129,15 @@ def test_the_prompt_trains_and_no_base_weight_moves(checkpointing):
         assert (not torch.equal(p, before[name])) == p.requires_grad, name
 
 
+def test_the_prompt_is_made_on_the_bases_device():
+    """The virtual tokens' indices live with the base's weights: on a GPU, indices left on the
+    CPU would fail the first lookup. The meta device stands in for a GPU here."""
+    with torch.device("meta"):
+        base = random_llama()
+    model = add_prompt_tuning(base, 4)
+    assert model.prompt_tokens.device.type == model.prompt_encoder.embedding.weight.device.type == "meta"
+
+
 def test_packed_rows_are_refused():
     model = add_prompt_tuning(random_llama(), 4)
     ids = padded_batch()["input_ids"]

@@ -73,8 +73,12 @@ class PromptTuningModel(nn.Module):
         self.base_model = base_model.requires_grad_(False)
         self.prompt_encoder = prompt_encoder  # indices -> vectors: a table here, a network in P-tuning
         self.num_virtual_tokens = num_virtual_tokens
-        # The virtual tokens' indices 0 .. n-1, not a parameter and not saved.
-        self.register_buffer("prompt_tokens", torch.arange(num_virtual_tokens), persistent=False)
+        # The virtual tokens' indices 0 .. n-1, on the base's device (a GPU's embedding cannot
+        # look up indices that sit on the CPU); not a parameter and not saved.
+        device = base_model.get_input_embeddings().weight.device
+        self.register_buffer(
+            "prompt_tokens", torch.arange(num_virtual_tokens, device=device), persistent=False
+        )
 
     @property
     def config(self):  # what the lab's loops read (the pad token) is the base model's
