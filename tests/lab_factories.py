@@ -65,3 +65,12 @@ def adamw_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 5, lr: f
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def padded_batch(seed: int = 0) -> dict:
+    """Three rows of 10 token ids for a random model's tests, the last one right-padded by 3
+    (its mask 0 there): a soft prompt's or a prefix's mask must be lengthened for it."""
+    ids = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -68,6 +68,7 @@ INVENTORIES = {
             ("transformers.LlamaForCausalLM", "py:class", "model_doc/llama#transformers.LlamaForCausalLM"),
             ("transformers.LlamaConfig", "py:class", "model_doc/llama#transformers.LlamaConfig"),
             ("transformers.Qwen2ForCausalLM", "py:class", "model_doc/qwen2#transformers.Qwen2ForCausalLM"),
+            ("transformers.DynamicCache", "py:class", "internal/generation_utils#transformers.DynamicCache"),
         ],
     ),
     "peft": (

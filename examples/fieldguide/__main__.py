@@ -60,6 +60,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.prompt_tuning",
         "prompt tuning from scratch: a trained soft prompt in front of a frozen model",
     ),
+    "prefix-tuning": (
+        "fieldguide.parameter_efficient.prefix_tuning",
+        "prefix tuning from scratch: trained keys and values in every attention layer",
+    ),
     "bitfit": (
         "fieldguide.parameter_efficient.bitfit",
         "BitFit from scratch: train the bias terms and nothing else",

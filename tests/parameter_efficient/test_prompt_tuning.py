@@ -18,7 +18,7 @@ from fieldguide.parameter_efficient.prompt_tuning import (
     prompt_tuning_state_dict,
     save_prompt,
 )
-from lab_factories import adamw_steps, random_llama, random_qwen2
+from lab_factories import adamw_steps, padded_batch, random_llama, random_qwen2
 
 NUM_VIRTUAL_TOKENS = [1, 5]
 
@@ -32,14 +32,6 @@ def pair(num_virtual_tokens: int, base=None, seed: int = 1):
     ours = add_prompt_tuning(copy.deepcopy(base), num_virtual_tokens)
     ours.prompt_encoder.embedding.weight.data.copy_(theirs.prompt_encoder["default"].embedding.weight)
     return theirs, ours
-
-
-def padded_batch(seed: int = 0) -> dict:
-    """Three rows of 10 token ids, the last one right-padded by 3 (its mask 0 there)."""
-    ids = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("num_virtual_tokens", NUM_VIRTUAL_TOKENS)
