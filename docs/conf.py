@@ -86,6 +86,9 @@ torch.set_flush_denormal(True)
 # 5.23 renamed; the warning is about their code, not the page's.
 import warnings
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# PEFT 0.21's prefix tuning hands transformers 5.24 the cache under its old name,
+# past_key_values; again their code, not the page's.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 del torch, warnings
 """
 # ELLIPSIS lets a page show the start of a long output; a True must never pass for a 1.
