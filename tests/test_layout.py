@@ -28,6 +28,24 @@ EXTENSIONS: dict[str, set[str]] = {
     "fieldguide.parameter_efficient.merging": {
         "fieldguide.parameter_efficient.lora"
     },  # merging merges the LoRA page's adapters
+    "fieldguide.parameter_efficient.choosing_a_method": {  # the comparison reads every page's run
+        *(
+            f"fieldguide.parameter_efficient.{page}"
+            for page in (
+                "adapters",
+                "bitfit",
+                "dora",
+                "ia3",
+                "lora",
+                "prefix_tuning",
+                "prompt_tuning",
+                "qlora",
+            )
+        ),
+        "fieldguide.whole_model.evaluation",
+        "fieldguide.parameter_efficient",  # as "from fieldguide.parameter_efficient import lora"
+        "fieldguide.whole_model",
+    },
 }
 
 
