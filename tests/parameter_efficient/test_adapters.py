@@ -1,20 +1,26 @@
 """Our bottleneck adapters against Houlsby et al.'s definition (PEFT has none to compare with):
 the adapter computes h + W_up f(W_down h + b_down) + b_up on the sublayer's output, sits where
 the paper puts it, starts as the identity, trains with the normalisation gains and nothing else,
-and its count is the paper's 2md + d + m per adapter."""
+and its count is the paper's 2md + d + m per adapter; what is saved loads back onto the same base,
+and a file that does not fit it is refused."""
 
 import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from fieldguide.lab.loading import load_model
 from fieldguide.lab.training import TrainConfig, enable_gradient_checkpointing, train
 from fieldguide.parameter_efficient.adapters import (
+    ADAPTER_FILE,
     BottleneckAdapter,
     adapter_state_dict,
     add_adapters,
+    load_adapters,
     main,
     norm_names,
+    save_adapters,
 )
 from lab_factories import random_llama, random_qwen2
 
@@ -137,9 +143,46 @@ def test_wrong_settings_are_refused():
         add_adapters(random_llama(), 4, target_modules=["out_proj"])
 
 
-def test_the_command_line_trains(capsys):
-    main(["--max-steps", "2", "--batch-size", "4", "--bottleneck-size", "2"])
+def trained_adapters(bottleneck_size: int = 4, **shape) -> torch.nn.Module:
+    """Adapters on a random Llama, moved off their start, with the gains moved too."""
+    model = moved(add_adapters(random_llama(**shape), bottleneck_size))
+    for name in norm_names(model):
+        model.get_parameter(name).data += 0.1
+    return model
+
+
+def test_saved_adapters_load_onto_a_fresh_base_and_answer_the_same(tmp_path):
+    model = trained_adapters()
+    save_adapters(model, tmp_path, 4, None)
+    loaded = load_adapters(random_llama(), tmp_path)  # the same base weights, seeded alike
+    ids = token_batch()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert not any(p.requires_grad for p in loaded.parameters())  # ready to answer, not to train
+
+
+def test_adapters_saved_from_another_model_are_refused(tmp_path):
+    save_adapters(trained_adapters(), tmp_path, 4, None)
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapters(random_llama(hidden_size=48), tmp_path)
+    with pytest.raises(ValueError, match="no place for"):
+        load_adapters(random_llama(num_hidden_layers=1), tmp_path)
+
+
+def test_a_file_missing_adapters_is_refused(tmp_path):
+    save_adapters(trained_adapters(), tmp_path, 4, None)
+    tensors = load_file(tmp_path / ADAPTER_FILE)
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp" not in k}, tmp_path / ADAPTER_FILE)
+    with pytest.raises(ValueError, match="lacks"):
+        load_adapters(random_llama(), tmp_path)
+
+
+def test_the_command_line_trains_and_saves_what_loads_back(tmp_path, capsys):
+    output = tmp_path / "adapters"
+    main(["--max-steps", "2", "--batch-size", "4", "--bottleneck-size", "2", "--output", str(output)])
     assert "trainable parameters" in capsys.readouterr().out
+    model = load_adapters(load_model("tiny")[0], output)
+    assert sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == 2 * model.config.num_hidden_layers
+    assert (output / "tokenizer.json").is_file()
     with pytest.raises(SystemExit):
         main(["--bottleneck-size", "0"])
     assert "--bottleneck-size" in capsys.readouterr().err

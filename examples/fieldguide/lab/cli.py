@@ -258,14 +258,17 @@ def add_chat_template_argument(parser: ExampleParser) -> None:
     )
 
 
-def add_output_argument(parser: ExampleParser, what: str = "the fine-tuned model") -> None:
-    """``--output``: where a training example saves what it trained, for ``--model`` to load."""
+def add_output_argument(
+    parser: ExampleParser, what: str = "the fine-tuned model", loaded_by: str = "--model DIR"
+) -> None:
+    """``--output``: where a training example saves what it trained, and what loads it back
+    (``loaded_by``: ``--model`` for a whole model; an adapter names its own loader)."""
     parser.add_argument(
         "--output",
         type=Path,
         metavar="DIR",
-        help=f"directory to save {what} in, weights as safetensors with its tokenizer, "
-        "loadable with --model DIR (default: not saved)",
+        help=f"directory for {what}: weights as safetensors, with the tokenizer, "
+        f"loadable with {loaded_by} (default: not saved)",
     )
 
 

@@ -13,14 +13,19 @@ sentiment task, or on a real model with ``--model``::
     python -m fieldguide.parameter_efficient.adapters --max-steps 300
 """
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import (
+    TINY,
+    add_output_argument,
     add_training_arguments,
     example_parser,
     main_guard,
@@ -108,6 +113,52 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return trained_state_dict(model)
 
 
+# -- Saving and loading ------------------------------------------------------------------------
+
+ADAPTER_FILE, SETTINGS_FILE = "adapters.safetensors", "adapters.json"
+
+
+def save_adapters(model: nn.Module, directory: Path, bottleneck_size: int, base_name: str | None) -> None:
+    """Save what trained (``adapter_state_dict``) and the settings that rebuild it, for
+    ``load_adapters``. ``base_name`` is the base's Hub id or folder (None: the lab's tiny model).
+
+    PEFT has no bottleneck adapters to load them, so this is the lab's own small format: the
+    tensors as safetensors, and the settings as JSON beside them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), directory / ADAPTER_FILE)
+    settings = {
+        "bottleneck_size": bottleneck_size,
+        "target_modules": list(TARGET_MODULES),
+        "base_model_name_or_path": base_name,
+    }
+    (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_adapters(base: nn.Module, directory: Path) -> nn.Module:
+    """``base`` (frozen, changed in place) with the adapters and gains ``save_adapters`` saved
+    in ``directory``: the fine-tuned model, ready to answer. A file that does not fit the base
+    (another model's, or one missing adapters) is refused, never loaded in part."""
+    settings = json.loads((directory / SETTINGS_FILE).read_text())
+    model = add_adapters(base, settings["bottleneck_size"], settings["target_modules"], train_norms=False)
+    saved = load_file(directory / ADAPTER_FILE, device=str(next(model.parameters()).device))
+    expected = model.state_dict()
+    adapters = {name for name in expected if ".adapter_" in name}
+    if foreign := sorted(set(saved) - set(expected)):
+        raise ValueError(
+            f"{directory} holds {foreign[0]}, which this base has no place for: saved from another model?"
+        )
+    if absent := sorted(adapters - set(saved)):
+        raise ValueError(f"{directory} lacks {absent[0]} and {len(absent) - 1} more adapter tensors")
+    wrong = [name for name, tensor in saved.items() if tensor.shape != expected[name].shape]
+    if wrong:
+        raise ValueError(
+            f"{directory}'s {wrong[0]} has shape {tuple(saved[wrong[0]].shape)}, this base's {tuple(expected[wrong[0]].shape)}"
+        )
+    model.load_state_dict(saved, strict=False)  # the base's own weights are not in the file
+    return model.eval().requires_grad_(False)  # to train on, set requires_grad on what should train
+
+
 # -- The lab's sentiment task, with adapters ---------------------------------------------------
 
 BOTTLENECK_SIZE = 32  # d_bn: about as many trained numbers as LoRA's rank 8 on the tiny model
@@ -171,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         help="d_bn, the width of every adapter's bottleneck",
     )
     add_training_arguments(parser, PRESETS)
+    add_output_argument(
+        parser,
+        "the adapters and normalisation gains (adapters cannot be merged into the weights)",
+        "load_adapters in fieldguide.parameter_efficient.adapters",
+    )
     # The base only answers, frozen: in bfloat16 on a GPU; the adapters are made in float32.
     args, model, tokenizer = parse_and_load(parser, argv, training=False)
     # A 16-bit base (a real model on a GPU) trains its adapters alone: its gains stay frozen.
@@ -180,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     run = run_technique(technique, model, tokenizer, training_config(args, PRESETS), keep_model=True)
     print(run.report("sentiment accuracy"))
     print(f"{'normalisation gains':22s} {'trained' if train_norms else 'frozen (a 16-bit base)'}")
+    if args.output is not None:
+        save_adapters(
+            run.model, args.output, args.bottleneck_size, None if args.model == TINY else args.model
+        )
+        tokenizer.save_pretrained(args.output)
+        print(f"saved to {args.output}")
 
 
 if __name__ == "__main__":

@@ -313,7 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         "--num-virtual-tokens", type=positive_int, default=NUM_VIRTUAL_TOKENS, help="length of the prefix"
     )
     add_training_arguments(parser, PRESETS)
-    add_output_argument(parser, "the prefix, as a PEFT adapter (a prefix cannot be merged into the weights)")
+    add_output_argument(
+        parser,
+        "the prefix, as a PEFT adapter (a prefix cannot be merged into the weights)",
+        "PEFT's PeftModel.from_pretrained",
+    )
     if parser.parse_args(argv).gradient_checkpointing:  # refused before a model is loaded
         parser.error("argument --gradient-checkpointing: prefix tuning cannot train with it (see the page)")
     # The base only answers, frozen: in bfloat16 on a GPU; the prefix is made in float32.

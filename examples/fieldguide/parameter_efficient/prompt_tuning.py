@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_training_arguments(parser, PRESETS)
     add_output_argument(
-        parser, "the soft prompt, as a PEFT adapter (a prompt cannot be merged into the weights)"
+        parser,
+        "the soft prompt, as a PEFT adapter (a prompt cannot be merged into the weights)",
+        "PEFT's PeftModel.from_pretrained",
     )
     # The base only answers, frozen: in bfloat16 on a GPU; the prompt is made in float32.
     args, model, tokenizer = parse_and_load(parser, argv, training=False)
