@@ -181,7 +181,9 @@ def test_the_command_line_trains_and_saves_what_loads_back(tmp_path, capsys):
     main(["--max-steps", "2", "--batch-size", "4", "--bottleneck-size", "2", "--output", str(output)])
     assert "trainable parameters" in capsys.readouterr().out
     model = load_adapters(load_model("tiny")[0], output)
-    assert sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == 2 * model.config.num_hidden_layers
+    assert (
+        sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == 2 * model.config.num_hidden_layers
+    )
     assert (output / "tokenizer.json").is_file()
     with pytest.raises(SystemExit):
         main(["--bottleneck-size", "0"])
