@@ -168,6 +168,32 @@ def test_adapters_saved_from_another_model_are_refused(tmp_path):
         load_adapters(random_llama(num_hidden_layers=1), tmp_path)
 
 
+def test_a_refused_file_leaves_the_base_as_it_was(tmp_path):
+    save_adapters(trained_adapters(), tmp_path, 4, None)
+    base = random_llama(hidden_size=48)
+    base.model.norm.weight.requires_grad_(False)  # a flag of the caller's own, to be kept
+    before = {name: (p.requires_grad, p.detach().clone()) for name, p in base.named_parameters()}
+    with pytest.raises(ValueError):
+        load_adapters(base, tmp_path)
+    assert not any(isinstance(m, BottleneckAdapter) for m in base.modules())
+    after = dict(base.named_parameters())
+    assert list(after) == list(before)
+    for name, (requires_grad, value) in before.items():
+        assert after[name].requires_grad == requires_grad and torch.equal(after[name], value), name
+
+
+def test_adapters_trained_on_another_named_base_load_with_a_warning(tmp_path):
+    model = trained_adapters()
+    save_adapters(model, tmp_path, 4, "Qwen/Qwen2.5-0.5B")
+    base = random_llama()
+    base.config.name_or_path = "Qwen/Qwen2.5-0.5B-Instruct"
+    with pytest.warns(UserWarning, match="trained on 'Qwen/Qwen2.5-0.5B'"):
+        load_adapters(base, tmp_path)
+    base = random_llama()
+    base.config.name_or_path = "Qwen/Qwen2.5-0.5B"
+    load_adapters(base, tmp_path)  # the same name: no warning (pytest turns warnings into errors)
+
+
 def test_a_file_missing_adapters_is_refused(tmp_path):
     save_adapters(trained_adapters(), tmp_path, 4, None)
     tensors = load_file(tmp_path / ADAPTER_FILE)

@@ -1,7 +1,7 @@
 """Quantization from scratch against its definitions and bitsandbytes: absmax codes equal to
-bitsandbytes' int8_vectorwise_quant (outlier columns too), rounding errors within half a step,
+bitsandbytes' int8_vectorwise_quant (outlier columns too, where the two definitions agree), rounding errors within half a step,
 LLM.int8()'s decomposition exact where it should be, GPTQ equal to the sequential elimination it
-is derived from (and to round-to-nearest when the inputs are uncorrelated), and a quantized
+is derived from (and to round-to-nearest when the input columns are orthogonal), and a quantized
 model that keeps its output layer and leaves the original alone."""
 
 import bitsandbytes.functional as bnb
@@ -42,6 +42,8 @@ def test_absmax_codes_are_bitsandbytes_int8_codes(shape, dtype):
 
 
 def test_outlier_columns_are_bitsandbytes_outlier_columns():
+    """Where the paper's decomposition and bitsandbytes' agree: every value of an outlier column
+    is an outlier, so setting the column apart and setting its outliers apart are the same."""
     x = randn(6, 16)
     x[:, [3, 11]] = 8 * torch.sign(x[:, [3, 11]])  # two features large in every row, as at scale
     codes, absmax, outliers = int8_vectorwise(x, threshold=6.0)
@@ -49,6 +51,19 @@ def test_outlier_columns_are_bitsandbytes_outlier_columns():
     assert torch.equal(codes, theirs) and torch.equal(absmax, their_absmax)
     assert outliers.nonzero().flatten().tolist() == their_columns.tolist() == [3, 11]
     assert not codes[:, outliers].any()
+
+
+def test_where_bitsandbytes_parts_from_the_paper_an_outlier_columns_small_values_set_the_scale():
+    """bitsandbytes zeroes only the outlier values before taking each row's absmax; the paper
+    (and this code) sets the whole column apart. A row whose largest regular value sits in an
+    outlier column shows the difference, and only that row does."""
+    x = randn(4, 8) / 4
+    x[0, 3] = 9.0  # column 3 is an outlier column because of row 0 alone
+    x[1, 3] = 0.9  # and row 1's largest value lies in that column
+    codes, absmax, _ = int8_vectorwise(x, threshold=6.0)
+    theirs, their_absmax, _ = bnb.int8_vectorwise_quant(x.clone(), threshold=6.0)
+    assert their_absmax[1] == pytest.approx(0.9) and absmax[1] < 0.9
+    assert torch.equal(codes[2:], theirs[2:]) and not torch.equal(codes[1], theirs[1])
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -140,9 +155,9 @@ def test_gptq_equals_the_sequential_elimination_it_is_derived_from(bits, shape):
     )
 
 
-def test_gptq_is_round_to_nearest_when_the_inputs_are_uncorrelated():
+def test_gptq_is_round_to_nearest_when_the_input_columns_are_orthogonal():
     weight = randn(5, 8)
-    inputs = torch.eye(8).repeat(3, 1)  # H is a multiple of I: no error is worth moving
+    inputs = torch.eye(8).repeat(3, 1)  # X^T X, so H, is a multiple of I: no error is worth moving
     assert torch.equal(gptq_quantize(weight, inputs, 3), round_trip(weight, 3))
 
 

@@ -14,6 +14,7 @@ sentiment task, or on a real model with ``--model``::
 """
 
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -138,25 +139,47 @@ def save_adapters(model: nn.Module, directory: Path, bottleneck_size: int, base_
 def load_adapters(base: nn.Module, directory: Path) -> nn.Module:
     """``base`` (frozen, changed in place) with the adapters and gains ``save_adapters`` saved
     in ``directory``: the fine-tuned model, ready to answer. A file that does not fit the base
-    (another model's, or one missing adapters) is refused, never loaded in part."""
+    (missing adapters, or tensors of another shape or name) is refused and the base left as it
+    was; a base with another name than the one the adapters were trained on is loaded, with a
+    warning, since a local copy of the same model has another name too."""
     settings = json.loads((directory / SETTINGS_FILE).read_text())
+    trained_on, this_base = settings["base_model_name_or_path"], getattr(base.config, "name_or_path", None)
+    if trained_on is not None and trained_on != this_base:
+        warnings.warn(
+            f"the adapters in {directory} were trained on {trained_on!r}, and this base is {this_base!r}: "
+            "unless they are the same weights, the adapters will not do what they learned",
+            stacklevel=2,
+        )
+    requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
     model = add_adapters(base, settings["bottleneck_size"], settings["target_modules"], train_norms=False)
     saved = load_file(directory / ADAPTER_FILE, device=str(next(model.parameters()).device))
-    expected = model.state_dict()
-    adapters = {name for name in expected if ".adapter_" in name}
+    try:
+        check_fits(saved, model.state_dict(), directory)
+    except ValueError:  # put the base back as it came: a refused file changes nothing
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BottleneckAdapter):
+                model.set_submodule(name, module.base_layer)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        raise
+    model.load_state_dict(saved, strict=False)  # the base's own weights are not in the file
+    return model.eval().requires_grad_(False)  # to train on, set requires_grad on what should train
+
+
+def check_fits(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path) -> None:
+    """Refuse ``saved`` unless every tensor has a place of its shape in ``expected`` (the state
+    dict of the base with adapters) and every adapter tensor there is saved."""
     if foreign := sorted(set(saved) - set(expected)):
         raise ValueError(
             f"{directory} holds {foreign[0]}, which this base has no place for: saved from another model?"
         )
+    adapters = {name for name in expected if ".adapter_" in name}
     if absent := sorted(adapters - set(saved)):
         raise ValueError(f"{directory} lacks {absent[0]} and {len(absent) - 1} more adapter tensors")
-    wrong = [name for name, tensor in saved.items() if tensor.shape != expected[name].shape]
-    if wrong:
+    if wrong := [name for name, tensor in saved.items() if tensor.shape != expected[name].shape]:
         raise ValueError(
             f"{directory}'s {wrong[0]} has shape {tuple(saved[wrong[0]].shape)}, this base's {tuple(expected[wrong[0]].shape)}"
         )
-    model.load_state_dict(saved, strict=False)  # the base's own weights are not in the file
-    return model.eval().requires_grad_(False)  # to train on, set requires_grad on what should train
 
 
 # -- The lab's sentiment task, with adapters ---------------------------------------------------

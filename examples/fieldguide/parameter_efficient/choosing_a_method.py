@@ -57,7 +57,7 @@ def _classification(technique: Callable) -> Callable:
     return technique(split.train, split.heldout).prepare
 
 
-METHODS: dict[str, Method] = {
+METHODS: dict[str, Method] = {  # every row, in the order of the table
     FULL: Method(
         run=lambda: evaluation.rank_methods()[FULL],
         prepare=train_every_weight,
@@ -138,25 +138,31 @@ def rows(runs: dict[str, Run], configs: dict[str, TrainConfig], full_model_bytes
     ]
 
 
-def compare(base, tokenizer, methods: dict[str, Method] = METHODS) -> list[Row]:
-    """Every method's row: its page's run, the settings it trained with, what it stores."""
+def compare(base, tokenizer, methods: dict[str, Method] | None = None) -> list[Row]:
+    """Every method's row (of ``methods``, all of them by default): its page's run, the
+    settings it trained with, what it stores."""
+    methods = METHODS if methods is None else methods
     runs = {name: method.run() for name, method in methods.items()}
     configs = {name: method.config() for name, method in methods.items()}
     return rows(runs, configs, model_bytes(base, tokenizer))
 
 
 def trainable_models(
-    base: nn.Module, tokenizer, methods: dict[str, Method] = METHODS
+    base: nn.Module, tokenizer, methods: dict[str, Method] | None = None
 ) -> dict[str, nn.Module]:
     """Each method's model, prepared on its own copy of ``base`` as its page prepares it, in
     training mode; new weights drawn from PyTorch's generator seeded 0."""
+    methods = METHODS if methods is None else methods
     torch.manual_seed(0)
     return {name: method.prepare(copy.deepcopy(base), tokenizer).train() for name, method in methods.items()}
 
 
-def step_time_ratios(base: nn.Module, tokenizer, methods: dict[str, Method] = METHODS) -> dict[str, float]:
+def step_time_ratios(
+    base: nn.Module, tokenizer, methods: dict[str, Method] | None = None
+) -> dict[str, float]:
     """Each method's time for one training step over full fine-tuning's, all measured side by
     side on one batch of 16 training reviews (``step_seconds``)."""
+    methods = METHODS if methods is None else methods
     models = trainable_models(base, tokenizer, methods)
     examples = [verbalized_example(tokenizer, ex) for ex in sentiment_task().train[:16]]
     seconds = step_seconds(models, pad_batch(examples, tokenizer.pad_token_id))
