@@ -142,3 +142,30 @@ def test_the_extractor_reads_math_as_myst_does_in_prose_but_not_in_code():
 def test_every_symbol_is_in_the_notation_table(page):
     missing = {symbol for tex in math_of(page.read_text()) for symbol in symbols(tex)} - DEFINED
     assert not missing, f"{page.relative_to(DOCS)} uses symbols not in {NOTATION.name}: {sorted(missing)}"
+
+
+# Delimiters that come in pairs. A lost \rVert once turned into a line break and a stray
+# "Vert", whose letters V, e, r and t are all defined symbols, so the check above passed.
+PAIRS = [(r"\lVert", r"\rVert"), (r"\left", r"\right"), (r"\lvert", r"\rvert"), ("{", "}")]
+
+
+def count(tex: str, delimiter: str) -> int:
+    """How often ``delimiter`` occurs as itself: \\left, not the start of \\leftarrow."""
+    return len(re.findall(re.escape(delimiter) + (r"(?![A-Za-z])" if delimiter[-1].isalpha() else ""), tex))
+
+
+def unpaired(tex: str) -> list[str]:
+    """The opening delimiters of ``tex`` whose closing ones are not as many."""
+    return [opening for opening, closing in PAIRS if count(tex, opening) != count(tex, closing)]
+
+
+def test_the_pair_check_finds_a_lost_closing_delimiter():
+    assert unpaired(r"\lVert W \rVert + \left( x \right) \leftarrow y") == []
+    assert unpaired("\\lVert W_0 \nVert") == [r"\lVert"]
+    assert unpaired(r"\frac{a}{b") == ["{"]
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.rglob("*.md")), ids=lambda page: str(page.relative_to(DOCS)))
+def test_every_delimiter_in_the_math_is_closed(page):
+    broken = {tex: unpaired(tex) for tex in math_of(page.read_text()) if unpaired(tex)}
+    assert not broken, f"{page.relative_to(DOCS)}: unclosed {broken}"
