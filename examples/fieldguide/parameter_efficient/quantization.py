@@ -53,8 +53,14 @@ def zero_point_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, t
     q_top = 2**bits - 1
     scale = ((high - low) / q_top).masked_fill(high == low, 1.0)  # a row of zeros: any scale
     zero = torch.round(-low / scale)
-    codes = torch.clamp(torch.round(x.float() / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, q_top)
+    codes = grid_codes(x.float(), scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return codes.to(torch.uint8 if bits <= 8 else torch.int32), scale, zero
+
+
+def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Equation (eq-zero-point) of the page: round(x / S) + Z, clamped to 0 to 2^b - 1, as floats
+    (``scale`` and ``zero`` broadcast against ``x``)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
 
 
 def zero_point_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -151,14 +157,14 @@ def gptq_quantize(weight: torch.Tensor, inputs: torch.Tensor, bits: int, damp: f
     """
     work = weight.double().clone()
     _, scale, zero = zero_point_quantize(weight, bits)  # the grid, fixed by the original weights
-    scale, zero, q_top = scale.double(), zero.double(), 2**bits - 1
+    scale, zero = scale.double(), zero.double()
     work[:, (inputs == 0).all(dim=0)] = 0  # a weight that only ever meets zero: any value does
     h = hessian(inputs, damp)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     rounded = torch.empty_like(work)
     for j in range(work.shape[1]):
         column = work[:, j]
-        q = (torch.clamp(torch.round(column / scale) + zero, 0, q_top) - zero) * scale
+        q = (grid_codes(column, scale, zero, bits) - zero) * scale
         rounded[:, j] = q
         error = (column - q) / u[j, j]
         work[:, j + 1 :] -= error.unsqueeze(1) * u[j, j + 1 :].unsqueeze(0)
