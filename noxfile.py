@@ -89,6 +89,17 @@ def benchmark(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def record(session: nox.Session) -> None:
+    """Train again every run the pages read from docs/_records (learning-rate searches, seeds,
+    sweeps) and record it, with the machine that computed it (fieldguide.lab.records). Run it
+    after changing the code those runs depend on: the tests fail until their records are
+    current. About half an hour on a two-core laptop."""
+    install(session, "tests")
+    env = {**lab_env(), "FIELD_GUIDE_RECORD": "1"}
+    session.run(*SPHINX, "-b", "doctest", str(BUILD / "doctest"), *session.posargs, env=env)
+
+
+@nox.session(default=False)
 def linkcheck(session: nox.Session) -> None:
     """Check every external link on the site. Needs the internet, so it is not in `tests`."""
     install(session, "docs")

@@ -44,6 +44,7 @@ from fieldguide.lab.experiment import (
 from fieldguide.lab.layers import replace_linear_layers, trained_state_dict
 from fieldguide.lab.loading import parse_and_load
 from fieldguide.lab.metrics import sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.tasks import (
     ClassificationExample,
     sentiment_task,
@@ -212,6 +213,7 @@ def adapter_tuning(
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per rate
 def run_adapters_on_validation(learning_rate: float):
     """Adapters trained on four fifths of the training reviews and scored on the other fifth
@@ -226,6 +228,7 @@ def choose_learning_rate(rates: Iterable[float] = LEARNING_RATES) -> float:
     return best_learning_rate(lambda rate: run_adapters_on_validation(rate).after.value, rates)
 
 
+@recorded
 @cached
 def run_adapters(seed: int = 0):
     """Our adapters on the tiny model at the preset's rate, scored on the held-out reviews."""

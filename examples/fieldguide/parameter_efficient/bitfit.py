@@ -39,6 +39,7 @@ from fieldguide.lab.experiment import (
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names, trained_state_dict
 from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.stats import score
 from fieldguide.lab.tasks import (
     ClassificationExample,
@@ -191,6 +192,7 @@ def bitfit_fine_tuning(
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per rate and placement
 def run_bitfit_on_validation(learning_rate: float, placement: str = "all-linear"):
     """BitFit trained on four fifths of the training reviews and scored on the other fifth
@@ -215,6 +217,7 @@ def loss_figure(ax) -> None:
     plot_losses(ax, runs, "BitFit on sentiment (validation split)")
 
 
+@recorded
 @cached
 def run_bitfit(placement: str = "all-linear", seed: int = 0):
     """BitFit on the tiny model at the placement's chosen rate, scored on the held-out reviews."""

@@ -23,6 +23,7 @@ from torch import nn
 from fieldguide.lab.cache import cached
 from fieldguide.lab.cli import main_guard
 from fieldguide.lab.experiment import run_on_tiny_model
+from fieldguide.lab.records import recorded
 from fieldguide.parameter_efficient.lora import (
     PRESETS,
     LoraLinear,
@@ -94,6 +95,7 @@ def add_dora(model: nn.Module, target_modules: Iterable[str] | str = "all-linear
 # -- The lab's sentiment task, with DoRA ---------------------------------------------------------
 
 
+@recorded
 @cached  # the page's doctests share one run per setting
 def run_dora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     """Our DoRA on the tiny model, with LoRA's tiny preset: 600 steps of 16 reviews at 3e-3."""

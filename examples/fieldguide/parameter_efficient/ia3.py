@@ -38,6 +38,7 @@ from fieldguide.lab.experiment import (
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers, target_names
 from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.metrics import sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.stats import score
 from fieldguide.lab.tasks import (
     ClassificationExample,
@@ -151,6 +152,7 @@ def ia3_fine_tuning(train: list[ClassificationExample], scored: list[Classificat
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per rate
 def run_ia3_on_validation(learning_rate: float):
     """IA3 trained on four fifths of the training reviews and scored on the other fifth (whole
@@ -165,6 +167,7 @@ def choose_learning_rate(rates: Iterable[float] = LEARNING_RATES) -> float:
     return best_learning_rate(lambda rate: run_ia3_on_validation(rate).after.value, rates)
 
 
+@recorded
 @cached
 def run_ia3(seed: int = 0):
     """Our IA3 on the tiny model at the preset's rate, scored on the lab's held-out reviews."""

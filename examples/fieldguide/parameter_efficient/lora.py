@@ -43,6 +43,7 @@ from fieldguide.lab.experiment import (
 from fieldguide.lab.layers import merge_and_unwrap, replace_linear_layers
 from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes, sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.stats import score
 from fieldguide.lab.tasks import instruction_task, sentiment_task, verbalized_example
 from fieldguide.lab.training import TrainConfig, causal_lm_loss, seed_everything
@@ -231,6 +232,7 @@ def lora_fine_tuning(
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per setting
 def run_lora(
     r: int = 8,
@@ -328,6 +330,7 @@ def instruction_lora(r: int = 8, lora_alpha: float = 16) -> Technique:
     )
 
 
+@recorded
 @cached  # the page's doctests and the merging page share the one run
 def run_instruction_lora():
     """An instruction adapter on the tiny model: rank 8 on every linear layer, as the review one."""

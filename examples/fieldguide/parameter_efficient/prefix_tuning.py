@@ -45,6 +45,7 @@ from fieldguide.lab.experiment import (
 )
 from fieldguide.lab.loading import parse_and_load
 from fieldguide.lab.metrics import sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.tasks import (
     ClassificationExample,
     sentiment_task,
@@ -272,6 +273,7 @@ def prefix_tuning(
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per setting
 def run_prefix_tuning_on_validation(
     learning_rate: float, init_text: str | None = None, encoder_hidden_size: int | None = None
@@ -297,6 +299,7 @@ def loss_figure(ax) -> None:
     plot_losses(ax, runs, "Prefix tuning on sentiment, four learning rates")
 
 
+@recorded
 @cached
 def run_prefix_tuning(seed: int = 0):
     """Our prefix tuning on the tiny model at the preset's rate, scored on the held-out reviews."""

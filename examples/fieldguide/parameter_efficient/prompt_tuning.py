@@ -41,6 +41,7 @@ from fieldguide.lab.experiment import (
 )
 from fieldguide.lab.loading import parse_and_load
 from fieldguide.lab.metrics import sentiment_outcomes
+from fieldguide.lab.records import recorded
 from fieldguide.lab.tasks import (
     ClassificationExample,
     sentiment_task,
@@ -196,6 +197,7 @@ def prompt_tuning(
     )
 
 
+@recorded
 @cached  # the page's doctests share one run per rate
 def run_prompt_tuning_on_validation(learning_rate: float):
     """Prompt tuning on four fifths of the training reviews, scored on the other fifth (whole
@@ -216,6 +218,7 @@ def loss_figure(ax) -> None:
     plot_losses(ax, runs, "Prompt tuning on sentiment, four learning rates")
 
 
+@recorded
 @cached
 def run_prompt_tuning(seed: int = 0):
     """Our prompt tuning on the tiny model at the preset's rate, scored on the held-out reviews."""

@@ -35,6 +35,7 @@ from fieldguide.lab.cli import (
 from fieldguide.lab.experiment import Technique, run_on_tiny_model, run_technique
 from fieldguide.lab.loading import parse_and_load, save_if_asked
 from fieldguide.lab.memory import check_weights_fit
+from fieldguide.lab.records import recorded
 from fieldguide.lab.stats import score
 from fieldguide.parameter_efficient.lora import (
     PRESETS,
@@ -281,6 +282,7 @@ def qlora_fine_tuning(r: int = 8, lora_alpha: float = 16, double_quant: bool = T
     return replace(lora, prepare=prepare)
 
 
+@recorded
 @cached  # the page's doctests share one run
 def run_qlora(r: int = 8, lora_alpha: float = 16, seed: int = 0):
     """Our QLoRA on the tiny model, with LoRA's tiny preset: 600 steps of 16 reviews at 3e-3."""
