@@ -25,6 +25,9 @@ EXTENSIONS: dict[str, set[str]] = {
     "fieldguide.parameter_efficient.qlora": {
         "fieldguide.parameter_efficient.lora"
     },  # QLoRA is LoRA over a 4-bit base
+    "fieldguide.parameter_efficient.p_tuning": {
+        "fieldguide.parameter_efficient.prompt_tuning"
+    },  # P-tuning is prompt tuning whose prompt a network makes
     "fieldguide.parameter_efficient.merging": {
         "fieldguide.parameter_efficient.lora"
     },  # merging merges the LoRA page's adapters
@@ -37,6 +40,7 @@ EXTENSIONS: dict[str, set[str]] = {
                 "dora",
                 "ia3",
                 "lora",
+                "p_tuning",
                 "prefix_tuning",
                 "prompt_tuning",
                 "qlora",

@@ -60,6 +60,10 @@ COMMANDS = {
         "fieldguide.parameter_efficient.prompt_tuning",
         "prompt tuning from scratch: a trained soft prompt in front of a frozen model",
     ),
+    "p-tuning": (
+        "fieldguide.parameter_efficient.p_tuning",
+        "P-tuning from scratch: a soft prompt made by a small trained network",
+    ),
     "prefix-tuning": (
         "fieldguide.parameter_efficient.prefix_tuning",
         "prefix tuning from scratch: trained keys and values in every attention layer",

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from fieldguide.lab.experiment import make_run
 from fieldguide.lab.stats import paired_score
 from fieldguide.lab.training import TrainConfig
-from fieldguide.parameter_efficient import dora, lora, prefix_tuning, prompt_tuning, qlora
+from fieldguide.parameter_efficient import dora, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
 from fieldguide.parameter_efficient.choosing_a_method import (
     FULL,
     METHODS,
@@ -54,6 +54,7 @@ def test_a_row_stores_its_adapter_or_else_the_whole_model():
     full, small = rows(runs, CONFIGS, full_model_bytes=123_456)
     assert full.file_bytes == 123_456
     assert small.file_bytes == safetensors_bytes(ADAPTER)
+    assert (full.stored_parameters, small.stored_parameters) == (full.trainable_parameters, 2 * 8 * 32)
 
 
 def test_safetensors_bytes_is_the_file_a_user_keeps(tmp_path):
@@ -81,13 +82,18 @@ def test_every_method_is_prepared_as_its_page_prepares_it(tiny, models):
     trained = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
     assert trained[FULL] == base.num_parameters()
     assert trained["LoRA"] == sum(t.numel() for t in lora.lora_state_dict(models["LoRA"]).values())
-    assert all(0 < trained[name] < trained[FULL] / 10 for name in METHODS if name != FULL)
+    assert all(0 < trained[name] < trained[FULL] / 10 for name in METHODS if name not in (FULL, "P-tuning"))
+    # P-tuning trains a network of the model's width to make its prompt, then keeps the prompt.
+    assert trained["P-tuning"] == p_tuning.p_tuning_parameters(
+        20, base.config.hidden_size, base.config.hidden_size
+    )
     # The layers that make each method what it is, where the counts alone cannot tell.
     assert any(isinstance(m, dora.DoraLinear) for m in models["DoRA"].modules())
     assert any(isinstance(m, qlora.Linear4bit) for m in models["QLoRA"].modules())
     assert not any(isinstance(m, qlora.Linear4bit) for m in models["LoRA"].modules())
     assert isinstance(models["prefix tuning"], prefix_tuning.PrefixTuningModel)
     assert isinstance(models["prompt tuning"], prompt_tuning.PromptTuningModel)
+    assert isinstance(models["P-tuning"].prompt_encoder, p_tuning.PromptEncoder)
 
 
 def test_preparing_leaves_the_base_as_it_was(tiny):

@@ -32,6 +32,7 @@ from fieldguide.parameter_efficient import (
     dora,
     ia3,
     lora,
+    p_tuning,
     prefix_tuning,
     prompt_tuning,
     qlora,
@@ -89,6 +90,11 @@ METHODS: dict[str, Method] = {  # every row, in the order of the table
         _classification(prompt_tuning.prompt_tuning),
         lambda: prompt_tuning.PRESETS.tiny,
     ),
+    "P-tuning": Method(
+        p_tuning.run_p_tuning,
+        _classification(p_tuning.p_tuning),
+        lambda: p_tuning.PRESETS.tiny,
+    ),
 }
 
 
@@ -99,6 +105,7 @@ class Row:
     method: str
     trainable_parameters: int
     file_bytes: int  # what a user keeps: the adapter's tensors, or (full fine-tuning) the model
+    stored_parameters: int  # the numbers in that file (P-tuning keeps fewer than it trains)
     steps: int
     learning_rate: float
     heldout: Score  # accuracy on the held-out reviews, with its 95% interval
@@ -129,6 +136,9 @@ def rows(runs: dict[str, Run], configs: dict[str, TrainConfig], full_model_bytes
             method=name,
             trainable_parameters=run.trainable_parameters,
             file_bytes=full_model_bytes if run.adapter is None else safetensors_bytes(run.adapter),
+            stored_parameters=run.trainable_parameters
+            if run.adapter is None
+            else sum(tensor.numel() for tensor in run.adapter.values()),
             steps=configs[name].max_steps,
             learning_rate=configs[name].learning_rate,
             heldout=run.after,
