@@ -46,9 +46,9 @@ def lab_env() -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1"}
 
 
-def build_html(session: nox.Session, *args: str) -> Path:
+def build_html(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> Path:
     """The site as published: what `docs` builds, and what the browser tests test."""
-    session.run(*SPHINX, "-b", "html", str(BUILD / "html"), *args, env=lab_env())
+    session.run(*SPHINX, "-b", "html", str(BUILD / "html"), *args, env=env or lab_env())
     return BUILD / "html"
 
 
@@ -65,9 +65,12 @@ def tests(session: nox.Session) -> None:
     """Everything that proves the guide: pytest over tests/ (the built site in Chromium
     included, see tests/browser/), then every doctest on every page."""
     install(session, "tests")
-    site = build_html(session)
-    session.run("pytest", *session.posargs, env={**lab_env(), "FIELD_GUIDE_SITE": str(site)})
-    session.run(*SPHINX, "-b", "doctest", str(BUILD / "doctest"), env=lab_env())
+    # A page may not train a run it should read from docs/_records (fieldguide.lab.records):
+    # that keeps the doctests within their few minutes, and fails if a record is stale.
+    env = {**lab_env(), "FIELD_GUIDE_RECORDS": "required"}
+    site = build_html(session, env=env)
+    session.run("pytest", *session.posargs, env={**env, "FIELD_GUIDE_SITE": str(site)})
+    session.run(*SPHINX, "-b", "doctest", str(BUILD / "doctest"), env=env)
 
 
 @nox.session(default=True)

@@ -54,6 +54,7 @@ def same_run(a, b) -> bool:
 
 def test_a_recorded_run_reads_back_number_for_number(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "RECORDS", tmp_path)
+    monkeypatch.delenv("FIELD_GUIDE_RECORDS", raising=False)
     calls = []
 
     @recorded
@@ -75,15 +76,28 @@ def test_a_recorded_run_reads_back_number_for_number(tmp_path, monkeypatch):
     run(5)  # a call that was never recorded is computed
     assert calls == [3, 5]
     saved = json.loads(next(tmp_path.glob("*run.json")).read_text())
-    assert saved["source_hash"] == source_hash(run.__module__) and set(saved["machine"]) >= {
-        "date",
-        "processor",
-        "torch",
-    }
+    assert saved["source_hash"] == source_hash(run.__module__)
+    assert all(set(entry["machine"]) >= {"date", "processor", "torch"} for entry in saved["runs"].values())
+
+
+def test_a_missing_record_is_refused_where_records_are_required(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    monkeypatch.setenv("FIELD_GUIDE_RECORDS", "required")
+    calls = []
+
+    @recorded
+    def run(value: int = 3):
+        calls.append(value)
+        return _toy(value)
+
+    with pytest.raises(RuntimeError, match="nox -s record"):
+        run()
+    assert calls == []  # refused before anything trained
 
 
 def test_a_record_of_other_code_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "RECORDS", tmp_path)
+    monkeypatch.delenv("FIELD_GUIDE_RECORDS", raising=False)
     calls = []
 
     @recorded

@@ -7,9 +7,11 @@ its adapter's tensors, never a whole model, in ``docs/_records``: one JSON file 
 with a folder of safetensors files beside it, written by ``nox -s record``. Each
 file carries the hash of the source files its function's module depends on, following its
 imports through the package (``dependencies``): a record is read only while that hash is the
-current one, and otherwise the run is computed as if there were no record, while
-``tests/lab/test_records.py`` fails until the records are made again. A record also names the
-libraries and the processor that computed it, which the lab page prints.
+current one, and otherwise the run is computed as if there were no record (or refused, under
+``FIELD_GUIDE_RECORDS=required``, which ``nox -s tests`` sets), while ``tests/lab/test_records.py``
+fails until the records are made again. The libraries' versions are not part of the hash: a
+record is read whatever is installed, and says what computed it. Each recorded run also
+names the libraries and the processor that computed it, which the lab page prints.
 """
 
 import ast
@@ -37,7 +39,7 @@ from fieldguide.lab.stats import Score
 PACKAGE = Path(fieldguide.__file__).resolve().parent
 # Beside the pages, in a checkout; a package installed without the repository has none, and
 # computes every run.
-RECORDS = Path(os.environ.get("FIELD_GUIDE_RECORDS", PACKAGE.parents[1] / "docs" / "_records"))
+RECORDS = Path(os.environ.get("FIELD_GUIDE_RECORDS_DIR", PACKAGE.parents[1] / "docs" / "_records"))
 LIBRARIES = ("torch", "transformers", "peft", "trl")
 
 
@@ -117,7 +119,8 @@ def run_to_json(run: Run, adapters: Path) -> dict:
 
 def run_from_json(numbers: dict, adapters: Path) -> Run:
     """The run ``run_to_json`` recorded, its adapter read back from ``adapters``."""
-    numbers = dict(numbers)
+    numbers = copy.deepcopy(numbers)  # the parsed file is shared: a caller may change its lists
+    numbers.pop("machine", None)  # what computed it, which the Run does not hold
     adapter_file = numbers.pop("adapter_file", None)
     scores = {name: Score(**numbers[name]) for name in ("before", "after", "gain")}
     run = Run(**{**numbers, **scores, "outcomes": tuple(numbers["outcomes"])})
@@ -151,19 +154,28 @@ def recording() -> bool:
     return os.environ.get("FIELD_GUIDE_RECORD") == "1"
 
 
+def records_required() -> bool:
+    """Whether a recorded function that finds no current record must fail rather than train
+    (``FIELD_GUIDE_RECORDS=required``, as ``nox -s tests`` sets: a page that would train a
+    recorded run is a page that has outgrown the time its doctests are given)."""
+    return os.environ.get("FIELD_GUIDE_RECORDS") == "required"
+
+
 def _write_entry(function: Callable, key: str, result: Run | dict) -> None:
-    """Add one run to ``function``'s record, starting the record afresh if its code changed."""
+    """Add one run to ``function``'s record, starting the record afresh if its code changed.
+    Each run names the machine that computed it: one record can hold runs of several."""
     current, adapters = source_hash(function.__module__), _adapters_path(function)
     record = read_record(function)
     if record is None or record["source_hash"] != current:
-        record = {"source_hash": current, "machine": machine(), "runs": {}}
+        record = {"source_hash": current, "runs": {}}
         shutil.rmtree(adapters, ignore_errors=True)  # the old code's adapters
     else:
         record = copy.deepcopy(record)  # the parsed file is shared by every reader
     if isinstance(result, Run):
-        record["runs"][key] = run_to_json(result, adapters)
+        record["runs"][key] = {"machine": machine(), **run_to_json(result, adapters)}
     else:  # a dict of runs, in its order
-        record["runs"][key] = {"runs": {name: run_to_json(run, adapters) for name, run in result.items()}}
+        runs = {name: run_to_json(run, adapters) for name, run in result.items()}
+        record["runs"][key] = {"machine": machine(), "runs": runs}
     record["runs"] = dict(sorted(record["runs"].items()))  # a stable file: small diffs
     RECORDS.mkdir(parents=True, exist_ok=True)
     descriptor, scratch = tempfile.mkstemp(dir=RECORDS, suffix=".writing")
@@ -196,7 +208,9 @@ def recorded(function: Callable) -> Callable:
 
     ``function`` returns a ``Run`` or a dict of them. The numbers and the adapter's tensors
     are recorded, not a kept model: a function whose callers need the trained model is not
-    one to record.
+    one to record. While recording, a run still goes through ``function`` itself, so a run
+    that the local cache (``cached``) holds for the same code, libraries and tiny model is
+    read from there rather than trained again.
     """
 
     @functools.wraps(function)
@@ -213,6 +227,12 @@ def recorded(function: Callable) -> Callable:
                 if "runs" in numbers:
                     return {name: run_from_json(run, adapters) for name, run in numbers["runs"].items()}
                 return run_from_json(numbers, adapters)
+            if records_required():
+                raise RuntimeError(
+                    f"{function.__module__}.{function.__qualname__}{key} has no record made from "
+                    "today's code: run `nox -s record` to train and record it (FIELD_GUIDE_RECORDS="
+                    "required forbids training it here)"
+                )
         result = function(*args, **kwargs)
         if recording():
             _write_entry(function, key, result)
