@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fieldguide.lab.records import imported_modules
+
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "examples" / "fieldguide"
 DOCS, TESTS = ROOT / "docs", ROOT / "tests"
@@ -69,18 +71,9 @@ TECHNIQUES = [
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every fieldguide module ``path`` imports, wherever the import statement stands."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            # "from fieldguide.lab import chat" imports the module fieldguide.lab.chat
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        else:
-            continue
-        found |= {name for name in names if name in MODULES}
-    return found
+    """Every fieldguide module ``path`` imports, wherever the import statement stands: the
+    walk that the records' source hash follows (fieldguide.lab.records.imported_modules)."""
+    return imported_modules(path)
 
 
 GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
