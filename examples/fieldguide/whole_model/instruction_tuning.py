@@ -10,7 +10,6 @@ saves the compute spent on padding. Run it on any causal LM::
 
 import argparse
 import functools
-import sys
 
 import torch
 
@@ -41,6 +40,7 @@ from fieldguide.lab.loading import load_model, parse_and_load, save_if_asked
 from fieldguide.lab.metrics import exact_match_outcomes
 from fieldguide.lab.tasks import InstructionExample, instruction_task
 from fieldguide.lab.training import TrainConfig
+from fieldguide.lab.trl_arguments import trl_arguments
 
 MAX_LENGTH = 128  # longest tokenized example, and longest packed row: the tiny model's context
 
@@ -179,10 +179,6 @@ def trl_trainer(
     check_chat_template(tokenizer)  # TRL itself only logs a warning when the end of a turn is not trained
     import trl  # imported here: TRL is heavy, and only this function needs it
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    if not sys.stderr.isatty():  # TRL maps the data set with progress bars; keep logs clean
-        disable_progress_bar()
 
     chats = [
         {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": response}]}
@@ -190,22 +186,11 @@ def trl_trainer(
         for response in [response_prefix(tokenizer) + ex.response]
     ]
     args = trl.SFTConfig(
-        output_dir=output_dir,
+        **trl_arguments(config, output_dir),  # the batch, steps, rate and seed of ``config``
         assistant_only_loss=True,  # labels only inside {% generation %}: the answer and its EOS
         max_length=MAX_LENGTH,
         packing=packing,
-        per_device_train_batch_size=config.batch_size,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        # TRL turns gradient checkpointing on by default; a model this small has no need of it.
-        gradient_checkpointing=None,
-        activation_checkpointing=False,
     )
     return trl.SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(chats), processing_class=tokenizer
