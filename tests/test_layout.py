@@ -21,6 +21,9 @@ DOCS, TESTS = ROOT / "docs", ROOT / "tests"
 
 # A technique that builds on another technique says so here.
 EXTENSIONS: dict[str, set[str]] = {
+    "fieldguide.alignment.ppo": {
+        "fieldguide.alignment.reward_models"
+    },  # PPO trains against the reward model page's reward model
     "fieldguide.parameter_efficient.dora": {
         "fieldguide.parameter_efficient.lora"
     },  # DoRA is LoRA plus a magnitude

@@ -72,6 +72,14 @@ COMMANDS = {
         "fieldguide.parameter_efficient.bitfit",
         "BitFit from scratch: train the bias terms and nothing else",
     ),
+    "from-sft-to-alignment": (
+        "fieldguide.alignment.from_sft_to_alignment",
+        "the SFT policy every alignment page starts from, judged by the lab's rule",
+    ),
+    "reward-models": ("fieldguide.alignment.reward_models", "train a reward model on preference pairs"),
+    "ppo": ("fieldguide.alignment.ppo", "RLHF with PPO against the reward model, with a KL penalty"),
+    "dpo": ("fieldguide.alignment.dpo", "align a model to preference pairs with DPO, from scratch"),
+    "grpo": ("fieldguide.alignment.grpo", "GRPO with the lab's rule as a verifiable reward"),
 }
 
 

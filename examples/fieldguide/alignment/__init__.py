@@ -1,0 +1,1 @@
+"""Alignment: from a model that follows instructions to one that answers as people prefer."""
