@@ -14,7 +14,7 @@ from fieldguide.alignment.ppo import (
 
 
 def gae_by_definition(rewards, values, mask, gamma, lam):
-    """A_t = sum_k (gamma lam)^k delta_{t+k} over each row's answer tokens, written out."""
+    """A_t = sum over later answer tokens t' of (gamma lam)^(t' - t) TD_{t'}, written out."""
     advantages = torch.zeros_like(rewards)
     for row in range(len(rewards)):
         steps = mask[row].nonzero().flatten().tolist()
