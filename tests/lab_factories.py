@@ -8,6 +8,7 @@ from fieldguide.lab.corpus import make_corpus
 from fieldguide.lab.data import pack_texts
 from fieldguide.lab.experiment import Technique
 from fieldguide.lab.metrics import text_losses
+from fieldguide.lab.preferences import alignment_task
 from fieldguide.lab.pretrain import PretrainConfig
 from fieldguide.lab.training import TrainConfig
 
@@ -74,3 +75,14 @@ def padded_batch(seed: int = 0) -> dict:
     mask = torch.ones_like(ids)
     mask[2, 7:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def small_alignment_task():
+    """The lab's alignment task cut to 8 training pairs and 4 held-out requests and pairs, for
+    a command-line test that trains for two steps."""
+    task = alignment_task()
+    return type(task)(
+        requests=type(task.requests)(train=task.requests.train, heldout=task.requests.heldout[:4]),
+        demonstrations=task.demonstrations,
+        pairs=type(task.pairs)(train=task.pairs.train[:8], heldout=task.pairs.heldout[:4]),
+    )

@@ -11,6 +11,7 @@ from fieldguide.lab.experiment import frozen_copy
 from fieldguide.lab.loading import load_model
 from fieldguide.lab.preferences import alignment_task, collate_pairs, encode_pair
 from fieldguide.lab.training import TrainConfig
+from lab_factories import small_alignment_task
 from model_families import save_family_model
 
 CONFIG = TrainConfig(max_steps=1, batch_size=4)
@@ -102,16 +103,7 @@ def test_a_bad_beta_is_refused_in_one_line(beta, capsys):
 
 
 def test_the_command_aligns_the_tiny_model_and_prints_its_report(capsys, monkeypatch):
-    monkeypatch.setattr(dpo_module, "alignment_task", lambda: _small_task())
+    monkeypatch.setattr(dpo_module, "alignment_task", small_alignment_task)
     main(["--max-steps", "2", "--batch-size", "2"])
     out = capsys.readouterr().out
     assert "held-out requests answered with a good review before" in out and "reward margin" in out
-
-
-def _small_task():
-    task = alignment_task()
-    return type(task)(
-        requests=type(task.requests)(train=task.requests.train, heldout=task.requests.heldout[:4]),
-        demonstrations=task.demonstrations,
-        pairs=type(task.pairs)(train=task.pairs.train[:8], heldout=task.pairs.heldout[:4]),
-    )

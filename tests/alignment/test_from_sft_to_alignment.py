@@ -25,7 +25,9 @@ def test_a_ranking_that_repeats_a_response_is_refused():
 
 def test_the_command_prints_answers_with_the_rules_verdict(capsys):
     main(["--count", "2"])
-    lines = capsys.readouterr().out.splitlines()
+    header, _, answers = capsys.readouterr().out.partition("\n\n")
+    assert header.startswith("The SFT policy") and "judged by the rule" in header  # what it trains; a legend
+    lines = answers.splitlines()
     assert len(lines) == 4 and lines[0].startswith("write a review of the")
     assert lines[1].rstrip().endswith(("(good)", "(bad)", "(not a review as asked)"))
 

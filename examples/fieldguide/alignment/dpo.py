@@ -5,7 +5,7 @@ The policy starts as the SFT policy, and a frozen copy of it is the reference. F
 log-ratio of its likelihood under the policy and under the reference; the loss is the
 Bradley-Terry negative log-likelihood that the chosen response wins on those rewards. Run it::
 
-    fieldguide dpo --beta 0.1
+    fieldguide dpo --beta 0.1 --sft-weight 1
 
 On the lab's tiny model it starts from the SFT policy of ``fieldguide.lab.preferences``; with
 ``--model`` it starts from that model (an instruct model, say) and aligns it to the same pairs.
@@ -110,24 +110,33 @@ def dpo_loss_fn(reference: torch.nn.Module, beta: float, sft_weight: float = 0.0
 
 
 @torch.no_grad()
+def pair_logprobs(model, tokenizer, pairs, pairs_per_batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_w | x) and log pi(y_l | x) of each pair, (P,) each, a few pairs at a time: all
+    192 held-out pairs at once would hold tens of gigabytes of a real model's logits."""
+    device, chosen, rejected = next(model.parameters()).device, [], []
+    for start in range(0, len(pairs), pairs_per_batch):
+        encoded = [encode_pair(tokenizer, p) for p in pairs[start : start + pairs_per_batch]]
+        batch = {
+            key: value.to(device) for key, value in collate_pairs(encoded, tokenizer.pad_token_id).items()
+        }
+        for side, logps in zip((chosen, rejected), completion_logprobs(model, batch).chunk(2), strict=True):
+            side.append(logps)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
 def implicit_reward_margin(policy, reference, tokenizer, pairs, beta: float) -> float:
     """The mean of r(x, y_w) - r(x, y_l) over ``pairs``: how far the policy has moved toward
     the chosen responses and away from the rejected ones, relative to the reference."""
-    batch = collate_pairs([encode_pair(tokenizer, p) for p in pairs], tokenizer.pad_token_id)
-    batch = {key: value.to(policy.device) for key, value in batch.items()}
-    policy_chosen, policy_rejected = completion_logprobs(policy, batch).chunk(2)
-    reference_chosen, reference_rejected = completion_logprobs(reference, batch).chunk(2)
+    policy_chosen, policy_rejected = pair_logprobs(policy, tokenizer, pairs)
+    reference_chosen, reference_rejected = pair_logprobs(reference, tokenizer, pairs)
     margins = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
     return float(margins.mean())
 
 
-@torch.no_grad()
 def mean_logprobs(model, tokenizer, pairs) -> tuple[float, float]:
     """The mean log-likelihood of the chosen responses of ``pairs``, and of the rejected ones:
     DPO raises their difference, which says nothing of where each one goes."""
-    batch = collate_pairs([encode_pair(tokenizer, p) for p in pairs], tokenizer.pad_token_id)
-    batch = {key: value.to(next(model.parameters()).device) for key, value in batch.items()}
-    chosen, rejected = completion_logprobs(model, batch).chunk(2)
+    chosen, rejected = pair_logprobs(model, tokenizer, pairs)
     return float(chosen.mean()), float(rejected.mean())
 
 
@@ -237,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sft-weight",
         type=non_negative_float,
-        default=0.0,
-        help="weight of the chosen responses' NLL added to the loss (RPO's term; the page's recipe is 1)",
+        default=1.0,
+        help="weight of the chosen responses' NLL added to the loss (RPO's term; 0 for plain DPO)",
     )
     add_output_argument(parser)
     args, model, tokenizer = parse_and_load(parser, argv)

@@ -10,7 +10,7 @@ train on. Run it to see the SFT policy's answers::
 
 import itertools
 
-from fieldguide.lab.cli import example_parser, main_guard, positive_int
+from fieldguide.lab.cli import TINY, example_parser, main_guard, positive_int
 from fieldguide.lab.metrics import generate_responses
 from fieldguide.lab.preferences import MAX_NEW_TOKENS, alignment_task, read_review, sft_policy_run
 from fieldguide.lab.records import recorded
@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--count", type=positive_int, default=8, help="how many held-out requests to answer")
     args = parser.parse_args(argv)
-    if args.model != "tiny":
+    if args.model != TINY:
         parser.error("argument --model: the SFT policy is the tiny model's")
+    print("The SFT policy: the tiny model fine-tuned on the demonstrations (about a minute, once).")
     run = sft_policy_run()
+    print("Its answers to held-out requests, each judged by the rule: (good) or (bad) review,")
+    print("or (not a review as asked).\n")
     requests = alignment_task().requests.heldout[: args.count]
     answers = generate_responses(run.model, run.tokenizer, [r.prompt for r in requests], MAX_NEW_TOKENS)
     verdicts = {1: "good", 0: "bad", None: "not a review as asked"}

@@ -215,7 +215,7 @@ def stack(examples: list[dict]) -> dict:
     return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
-def ppo(reference, reward_model, config: PPOConfig = PPOConfig()) -> Technique:
+def ppo(reference, reward_model, tokenizer, config: PPOConfig = PPOConfig()) -> Technique:
     """PPO on the training requests; scored by the rule on the held-out requests' answers."""
     task = alignment_task()
     heldout = task.requests.heldout
@@ -228,7 +228,7 @@ def ppo(reference, reward_model, config: PPOConfig = PPOConfig()) -> Technique:
         data=lambda tokenizer: [r.prompt for r in task.requests.train],
         score=lambda model, tokenizer: rule_outcomes(model.policy, tokenizer, heldout),
         loss=ppo_loss_fn(config),
-        sampler=rollouts(reference, reward_model, None, config),
+        sampler=rollouts(reference, reward_model, tokenizer, config),
         collate=stack,
         measures={
             "learned reward": lambda model, tokenizer: learned_reward(
@@ -251,20 +251,13 @@ def learned_reward(policy, reward_model, tokenizer, prompts: list[str], num_samp
     return float(reward_model(**right_padded(samples, tokenizer.pad_token_id)).mean())
 
 
-def with_tokenizer(technique: Technique, reference, reward_model, tokenizer, config: PPOConfig) -> Technique:
-    """The technique with a sampler that knows the tokenizer (the harness gives it none)."""
-    return replace(technique, sampler=rollouts(reference, reward_model, tokenizer, config))
-
-
 @recorded
 @cached  # the page's doctests share one run per setting
 def run_ppo(kl_coef: float = PPOConfig.kl_coef, max_steps: int = PRESETS.tiny.max_steps, seed: int = 0):
     """PPO from the SFT policy, against the reward model page's reward model."""
     sft, reward_model = sft_policy_run(), trained_reward_model()
     reference, config = frozen_copy(sft.model), PPOConfig(kl_coef=kl_coef)
-    technique = with_tokenizer(
-        ppo(reference, reward_model, config), reference, reward_model, sft.tokenizer, config
-    )
+    technique = ppo(reference, reward_model, sft.tokenizer, config)
     train = replace(PRESETS.tiny, max_steps=max_steps, seed=seed)
     return run_technique(technique, copy.deepcopy(sft.model), sft.tokenizer, train)
 
@@ -290,9 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     sft, reward_model = sft_policy_run(), trained_reward_model().to(args.device)
     policy, reference = copy.deepcopy(sft.model).to(args.device), frozen_copy(sft.model).to(args.device)
     config = PPOConfig(kl_coef=args.kl_coef)
-    technique = with_tokenizer(
-        ppo(reference, reward_model, config), reference, reward_model, sft.tokenizer, config
-    )
+    technique = ppo(reference, reward_model, sft.tokenizer, config)
     run = run_technique(technique, policy, sft.tokenizer, config_from_args(args, PRESETS))
     print(run.report("held-out requests answered with a good review"))
 

@@ -359,4 +359,10 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], num_samples: in
     the mean of log pi(y | x) - log pi_ref(y | x), in nats per response."""
     batch = sample_responses(policy, tokenizer, prompts, num_samples)
     tensors = {key: value for key, value in batch.items() if key != "responses"}
-    return float((completion_logprobs(policy, tensors) - completion_logprobs(reference, tensors)).mean())
+    log_ratios = []
+    # 64 rows at a time: the logits of every row at once (rows x length x vocabulary floats)
+    # would take tens of gigabytes for a real model's vocabulary of 150,000 tokens.
+    for start in range(0, len(batch["responses"]), 64):
+        rows = {key: value[start : start + 64] for key, value in tensors.items()}
+        log_ratios.append(completion_logprobs(policy, rows) - completion_logprobs(reference, rows))
+    return float(torch.cat(log_ratios).mean())
