@@ -21,6 +21,9 @@ DOCS, TESTS = ROOT / "docs", ROOT / "tests"
 
 # A technique that builds on another technique says so here.
 EXTENSIONS: dict[str, set[str]] = {
+    "fieldguide.alignment.dpo_successors": {
+        "fieldguide.alignment.dpo"
+    },  # the successors run beside DPO, with its loss and its measures
     "fieldguide.alignment.ppo": {
         "fieldguide.alignment.reward_models"
     },  # PPO trains against the reward model page's reward model

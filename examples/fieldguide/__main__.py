@@ -79,6 +79,10 @@ COMMANDS = {
     "reward-models": ("fieldguide.alignment.reward_models", "train a reward model on preference pairs"),
     "ppo": ("fieldguide.alignment.ppo", "RLHF with PPO against the reward model, with a KL penalty"),
     "dpo": ("fieldguide.alignment.dpo", "align a model to preference pairs with DPO, from scratch"),
+    "dpo-successors": (
+        "fieldguide.alignment.dpo_successors",
+        "IPO, KTO, ORPO or SimPO on the same pairs, from scratch",
+    ),
     "grpo": ("fieldguide.alignment.grpo", "GRPO with the lab's rule as a verifiable reward"),
 }
 
