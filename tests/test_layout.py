@@ -21,6 +21,9 @@ DOCS, TESTS = ROOT / "docs", ROOT / "tests"
 
 # A technique that builds on another technique says so here.
 EXTENSIONS: dict[str, set[str]] = {
+    "fieldguide.costs.multi_device": {
+        "fieldguide.parameter_efficient.lora"
+    },  # the multi-device runs train the LoRA page's LoRA
     "fieldguide.alignment.dpo_successors": {
         "fieldguide.alignment.dpo"
     },  # the successors run beside DPO, with its loss and its measures

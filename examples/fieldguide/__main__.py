@@ -84,6 +84,10 @@ COMMANDS = {
         "IPO, KTO, ORPO or SimPO on the same pairs, from scratch",
     ),
     "grpo": ("fieldguide.alignment.grpo", "GRPO with the lab's rule as a verifiable reward"),
+    "multi-device": (
+        "fieldguide.costs.multi_device",
+        "LoRA on several processes with DDP or FSDP (torchrun); alone, the reference",
+    ),
 }
 
 
