@@ -187,15 +187,6 @@ def trl_trainer(
     import trl  # imported here: TRL is heavy, and only this function needs it
     from datasets import Dataset
 
-    prefix = response_prefix(tokenizer)  # what the lab's own encoding puts before an answer
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": pair.prompt}],
-            "chosen": [{"role": "assistant", "content": prefix + pair.chosen}],
-            "rejected": [{"role": "assistant", "content": prefix + pair.rejected}],
-        }
-        for pair in pairs
-    ]
     args = trl.DPOConfig(
         **trl_arguments(config, output_dir),
         beta=beta,
@@ -207,9 +198,23 @@ def trl_trainer(
         model=policy,
         ref_model=reference,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(chat_rows(tokenizer, pairs)),
         processing_class=tokenizer,
     )
+
+
+def chat_rows(tokenizer, pairs) -> list[dict]:
+    """The pairs as TRL's conversational rows, the assistant's turn opened as the lab's own
+    encoding opens it (``response_prefix``), so that TRL tokenizes what the lab does."""
+    prefix = response_prefix(tokenizer)
+    return [
+        {
+            "prompt": [{"role": "user", "content": pair.prompt}],
+            "chosen": [{"role": "assistant", "content": prefix + pair.chosen}],
+            "rejected": [{"role": "assistant", "content": prefix + pair.rejected}],
+        }
+        for pair in pairs
+    ]
 
 
 @recorded

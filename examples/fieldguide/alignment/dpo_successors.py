@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from fieldguide.alignment.dpo import dpo_loss_fn, finite_beta, mean_logprobs
+from fieldguide.alignment.dpo import chat_rows, dpo_loss_fn, finite_beta, mean_logprobs
 from fieldguide.lab.cache import cached
-from fieldguide.lab.chat import require_chat_template, response_prefix
+from fieldguide.lab.chat import require_chat_template
 from fieldguide.lab.cli import (
     TINY,
     add_chat_arguments,
@@ -302,19 +302,6 @@ def successors_table(runs: dict) -> str:
 
 
 # -- The same with TRL -----------------------------------------------------------------------
-
-
-def chat_rows(tokenizer, pairs) -> list[dict]:
-    """The pairs as TRL's conversational rows, the assistant's turn opened as the lab opens it."""
-    prefix = response_prefix(tokenizer)
-    return [
-        {
-            "prompt": [{"role": "user", "content": pair.prompt}],
-            "chosen": [{"role": "assistant", "content": prefix + pair.chosen}],
-            "rejected": [{"role": "assistant", "content": prefix + pair.rejected}],
-        }
-        for pair in pairs
-    ]
 
 
 def trl_trainer(name: str, policy, reference, tokenizer, pairs, config: TrainConfig, output_dir: str):
